@@ -1,0 +1,284 @@
+//! The GPU context: adapter choice, device with the adapter's own limits and the features the
+//! kernels can use, and a report of what was found.
+
+use std::fmt;
+use std::sync::{Arc, Mutex};
+
+use crate::error::{Error, Result};
+use crate::kernel::PipelineCache;
+
+/// A kernel tier: how Q, K, V are stored and which hardware paths the kernel uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tier {
+    /// f32 storage and arithmetic, no optional features; runs on every adapter.
+    PortableF32,
+}
+
+impl fmt::Display for Tier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Tier::PortableF32 => f.write_str("portable-f32"),
+        }
+    }
+}
+
+/// Features blockflash asks for when the adapter offers them.
+fn wanted_features() -> wgpu::Features {
+    wgpu::Features::SHADER_F16
+        | wgpu::Features::SUBGROUP
+        | wgpu::Features::TIMESTAMP_QUERY
+        | wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX
+}
+
+/// A device and queue that blockflash runs on, with what is known about the adapter.
+///
+/// Create one with [`Gpu::new`] (picks an adapter, honours `WGPU_BACKEND`, `WGPU_ADAPTER_NAME`
+/// and `WGPU_POWER_PREF`) or wrap a device the caller already has with [`Gpu::from_device`].
+#[derive(Clone)]
+pub struct Gpu {
+    device: wgpu::Device,
+    queue: wgpu::Queue,
+    info: wgpu::AdapterInfo,
+    coop_matrix: Vec<wgpu::CooperativeMatrixProperties>,
+    lost: Arc<Mutex<Option<String>>>,
+    pipelines: PipelineCache,
+}
+
+impl fmt::Debug for Gpu {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Gpu")
+            .field("adapter", &self.info.name)
+            .field("backend", &self.info.backend)
+            .finish()
+    }
+}
+
+impl Gpu {
+    /// Picks an adapter and creates a device on it (blocking; see [`Gpu::new_async`]).
+    pub fn new() -> Result<Gpu> {
+        pollster::block_on(Self::new_async())
+    }
+
+    /// Picks an adapter and creates a device on it.
+    ///
+    /// `WGPU_BACKEND` restricts the backends, `WGPU_ADAPTER_NAME` picks the first adapter whose
+    /// name contains the given text (case-insensitive), `WGPU_POWER_PREF` sets the preference.
+    /// The device gets the adapter's own limits (e.g. 48 KiB of workgroup memory on NVIDIA) and
+    /// whichever of `SHADER_F16`, `SUBGROUP`, `TIMESTAMP_QUERY` and cooperative matrices the
+    /// adapter offers.
+    pub async fn new_async() -> Result<Gpu> {
+        let instance =
+            wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+        let adapter = pick_adapter(&instance).await?;
+        let offered = adapter.features();
+        let features = offered & wanted_features();
+        let experimental = if features.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX) {
+            // SAFETY: cooperative matrices are only used by kernels whose configuration the
+            // adapter reported in `cooperative_matrix_properties()`.
+            unsafe { wgpu::ExperimentalFeatures::enabled() }
+        } else {
+            wgpu::ExperimentalFeatures::disabled()
+        };
+        let (device, queue) = adapter
+            .request_device(&wgpu::DeviceDescriptor {
+                label: Some("blockflash"),
+                required_features: features,
+                required_limits: adapter.limits(),
+                experimental_features: experimental,
+                memory_hints: wgpu::MemoryHints::Performance,
+                trace: wgpu::Trace::Off,
+            })
+            .await
+            .map_err(|e| Error::RequestDevice(e.to_string()))?;
+        let coop_matrix = if features.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX) {
+            adapter.cooperative_matrix_properties()
+        } else {
+            Vec::new()
+        };
+        Ok(Self::wrap(device, queue, adapter.get_info(), coop_matrix))
+    }
+
+    /// Wraps a device and queue that the caller already has.
+    ///
+    /// `info` describes the adapter (from `adapter.get_info()`); `coop_matrix` lists the
+    /// cooperative-matrix configurations the adapter reports (empty if none or unknown).
+    /// Kernels use only features and limits that `device` was created with.
+    pub fn from_device(
+        device: wgpu::Device,
+        queue: wgpu::Queue,
+        info: wgpu::AdapterInfo,
+        coop_matrix: Vec<wgpu::CooperativeMatrixProperties>,
+    ) -> Gpu {
+        Self::wrap(device, queue, info, coop_matrix)
+    }
+
+    fn wrap(
+        device: wgpu::Device,
+        queue: wgpu::Queue,
+        info: wgpu::AdapterInfo,
+        coop_matrix: Vec<wgpu::CooperativeMatrixProperties>,
+    ) -> Gpu {
+        let lost = Arc::new(Mutex::new(None));
+        let flag = lost.clone();
+        device.set_device_lost_callback(move |reason, message| {
+            if let Ok(mut l) = flag.lock() {
+                *l = Some(format!("device lost ({reason:?}): {message}"));
+            }
+        });
+        // wgpu panics on errors nobody captured; record them so the next check returns them.
+        let flag = lost.clone();
+        device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+            if let Ok(mut l) = flag.lock() {
+                l.get_or_insert_with(|| e.to_string());
+            }
+        }));
+        Gpu {
+            device,
+            queue,
+            info,
+            coop_matrix,
+            lost,
+            pipelines: PipelineCache::default(),
+        }
+    }
+
+    /// The wgpu device.
+    pub fn device(&self) -> &wgpu::Device {
+        &self.device
+    }
+
+    /// The wgpu queue.
+    pub fn queue(&self) -> &wgpu::Queue {
+        &self.queue
+    }
+
+    /// What the adapter said about itself.
+    pub fn adapter_info(&self) -> &wgpu::AdapterInfo {
+        &self.info
+    }
+
+    /// The limits the device was created with.
+    pub fn limits(&self) -> wgpu::Limits {
+        self.device.limits()
+    }
+
+    /// The features the device was created with.
+    pub fn features(&self) -> wgpu::Features {
+        self.device.features()
+    }
+
+    /// Cooperative-matrix configurations the adapter reports (empty when unsupported).
+    pub fn coop_matrix_configs(&self) -> &[wgpu::CooperativeMatrixProperties] {
+        &self.coop_matrix
+    }
+
+    /// Whether the device runs in software on the CPU (lavapipe, SwiftShader, WARP).
+    pub fn is_cpu(&self) -> bool {
+        self.info.device_type == wgpu::DeviceType::Cpu
+    }
+
+    /// The best tier this device can run.
+    pub fn best_tier(&self) -> Tier {
+        Tier::PortableF32
+    }
+
+    /// The compiled kernels of this device.
+    pub(crate) fn pipelines(&self) -> &PipelineCache {
+        &self.pipelines
+    }
+
+    /// Error if the device has been lost.
+    pub(crate) fn check_lost(&self) -> Result<()> {
+        match self.lost.lock().ok().and_then(|l| l.clone()) {
+            Some(why) => Err(Error::Device(why)),
+            None => Ok(()),
+        }
+    }
+
+    /// A human-readable report: adapter, backend, features, limits, coop-matrix configurations,
+    /// and the tier that would run.
+    pub fn report(&self) -> String {
+        let i = &self.info;
+        let l = self.limits();
+        let f = self.features();
+        let has = |x: wgpu::Features| if f.contains(x) { "yes" } else { "no" };
+        let mut s = String::new();
+        s += &format!("adapter:        {}\n", i.name);
+        s += &format!("backend:        {:?}\n", i.backend);
+        s += &format!("device type:    {:?}\n", i.device_type);
+        s += &format!("driver:         {} {}\n", i.driver, i.driver_info);
+        s += &format!("vendor/device:  {:#06x}/{:#06x}\n", i.vendor, i.device);
+        s += "features:\n";
+        s += &format!(
+            "  shader-f16:          {}\n",
+            has(wgpu::Features::SHADER_F16)
+        );
+        s += &format!("  subgroup:            {}\n", has(wgpu::Features::SUBGROUP));
+        s += &format!(
+            "  timestamp-query:     {}\n",
+            has(wgpu::Features::TIMESTAMP_QUERY)
+        );
+        s += &format!(
+            "  cooperative-matrix:  {}\n",
+            has(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX)
+        );
+        s += "limits:\n";
+        s += &format!(
+            "  workgroup memory:          {} bytes\n",
+            l.max_compute_workgroup_storage_size
+        );
+        s += &format!(
+            "  invocations / workgroup:   {}\n",
+            l.max_compute_invocations_per_workgroup
+        );
+        s += &format!(
+            "  storage binding:           {} bytes\n",
+            l.max_storage_buffer_binding_size
+        );
+        s += &format!("  buffer size:               {} bytes\n", l.max_buffer_size);
+        s += &format!(
+            "  workgroups per dimension:  {}\n",
+            l.max_compute_workgroups_per_dimension
+        );
+        s += &format!(
+            "  subgroup size:             {}..{}\n",
+            i.subgroup_min_size, i.subgroup_max_size
+        );
+        if self.coop_matrix.is_empty() {
+            s += "cooperative-matrix configurations: none\n";
+        } else {
+            s += "cooperative-matrix configurations (MxNxK, A/B -> C):\n";
+            for c in &self.coop_matrix {
+                s += &format!(
+                    "  {}x{}x{} {:?} -> {:?}\n",
+                    c.m_size, c.n_size, c.k_size, c.ab_type, c.cr_type
+                );
+            }
+        }
+        s += &format!("kernel tier:    {}\n", self.best_tier());
+        s
+    }
+}
+
+async fn pick_adapter(instance: &wgpu::Instance) -> Result<wgpu::Adapter> {
+    if let Ok(name) = std::env::var("WGPU_ADAPTER_NAME") {
+        let want = name.to_lowercase();
+        let adapters = instance.enumerate_adapters(wgpu::Backends::all()).await;
+        let names: Vec<String> = adapters.iter().map(|a| a.get_info().name).collect();
+        return adapters
+            .into_iter()
+            .find(|a| a.get_info().name.to_lowercase().contains(&want))
+            .ok_or_else(|| {
+                Error::NoAdapter(format!(
+                    "WGPU_ADAPTER_NAME={name} matches none of the adapters {names:?}"
+                ))
+            });
+    }
+    instance
+        .request_adapter(&wgpu::RequestAdapterOptions {
+            power_preference: wgpu::PowerPreference::from_env().unwrap_or_default(),
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| Error::NoAdapter(e.to_string()))
+}

@@ -1,0 +1,318 @@
+//! The forward attention kernel: its tile configurations, the one WGSL source specialised by
+//! `override` constants, and the pipeline cache.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex};
+
+use crate::error::{Error, Result};
+
+/// The WGSL source of the forward kernel (all paths and tile shapes).
+pub const ATTENTION_WGSL: &str = include_str!("../shaders/attention.wgsl");
+
+/// Which key tiles a workgroup walks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Path {
+    /// Every key tile; an element mask, if any, is applied everywhere.
+    Dense,
+    /// Per query tile one interval of active key tiles with an inner interval of full ones.
+    RunLength,
+    /// Per query tile a list of active key tiles, full ones first.
+    Sparse,
+}
+
+impl Path {
+    pub(crate) fn code(self) -> u32 {
+        match self {
+            Path::Dense => 0,
+            Path::RunLength => 1,
+            Path::Sparse => 2,
+        }
+    }
+}
+
+impl fmt::Display for Path {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Path::Dense => "dense",
+            Path::RunLength => "run-length",
+            Path::Sparse => "sparse",
+        })
+    }
+}
+
+impl std::str::FromStr for Path {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Path> {
+        match s {
+            "dense" => Ok(Path::Dense),
+            "runlength" | "run-length" => Ok(Path::RunLength),
+            "sparse" => Ok(Path::Sparse),
+            _ => Err(Error::InvalidArgument {
+                what: "path",
+                why: format!("{s:?} is not one of dense, runlength, sparse"),
+            }),
+        }
+    }
+}
+
+// Capacities of the per-thread arrays in the shader (TM_CAP, S_CAP, ACC_CAP).
+const TM_CAP: usize = 8;
+const S_CAP: usize = 32;
+const ACC_CAP: usize = 64;
+
+/// A tile configuration of the kernel: `tile_rows` × `tile_cols` tiles, a head-dim chunk of
+/// `dc` columns of K/V in workgroup memory, and a `tx` × `ty` thread grid.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct KernelConfig {
+    /// Query rows per tile (Br).
+    pub tile_rows: usize,
+    /// Keys per tile (Bc), a multiple of 32.
+    pub tile_cols: usize,
+    /// Head dimension.
+    pub head_dim: usize,
+    /// Head-dim columns of K/V held in workgroup memory at once.
+    pub dc: usize,
+    /// Threads per row group.
+    pub tx: usize,
+    /// Row groups.
+    pub ty: usize,
+}
+
+/// Tile shapes and thread grids, fastest first where memory allows.
+const CANDIDATES: [(usize, usize, usize, usize); 8] = [
+    (64, 64, 16, 16),
+    (64, 32, 16, 16),
+    (32, 64, 16, 8),
+    (32, 32, 16, 8),
+    (32, 32, 8, 16),
+    (16, 32, 8, 16),
+    (16, 32, 8, 8),
+    (8, 32, 8, 8),
+];
+
+impl KernelConfig {
+    /// Bytes of workgroup memory the kernel declares for this configuration.
+    pub fn workgroup_bytes(&self) -> usize {
+        let (br, bc) = (self.tile_rows, self.tile_cols);
+        4 * (br * self.head_dim + bc * (self.dc + 4) + br * bc + 2 * br * self.tx) + 16
+    }
+
+    /// Invocations per workgroup.
+    pub fn threads(&self) -> usize {
+        self.tx * self.ty
+    }
+
+    fn valid(&self, limits: &wgpu::Limits) -> bool {
+        let (br, bc, d, dc, tx, ty) = (
+            self.tile_rows,
+            self.tile_cols,
+            self.head_dim,
+            self.dc,
+            self.tx,
+            self.ty,
+        );
+        let tm = br / ty;
+        br % ty == 0
+            && (1..=TM_CAP).contains(&tm)
+            && bc % 32 == 0
+            && bc % tx == 0
+            && tm * (bc / tx) <= S_CAP
+            && d % tx == 0
+            && tm * (d / tx) <= ACC_CAP
+            && dc % tx == 0
+            && dc % 4 == 0
+            && d % dc == 0
+            && self.threads() <= limits.max_compute_invocations_per_workgroup as usize
+            && tx * ty <= limits.max_compute_workgroup_size_x as usize
+            && self.workgroup_bytes() <= limits.max_compute_workgroup_storage_size as usize
+    }
+
+    /// Every configuration that runs head dim `head_dim` within `limits`, fastest first, each
+    /// with the largest head-dim chunk that fits.
+    pub fn candidates(limits: &wgpu::Limits, head_dim: usize) -> Vec<KernelConfig> {
+        CANDIDATES
+            .iter()
+            .filter_map(|&(br, bc, tx, ty)| {
+                [1, 2, 3, 4, 8].iter().find_map(|&div| {
+                    let c = KernelConfig {
+                        tile_rows: br,
+                        tile_cols: bc,
+                        head_dim,
+                        dc: head_dim / div,
+                        tx,
+                        ty,
+                    };
+                    (head_dim % div == 0 && c.valid(limits)).then_some(c)
+                })
+            })
+            .collect()
+    }
+
+    /// The fastest configuration for dense attention at head dim `head_dim` within `limits`.
+    pub fn choose(limits: &wgpu::Limits, head_dim: usize) -> Result<KernelConfig> {
+        Self::candidates(limits, head_dim)
+            .into_iter()
+            .next()
+            .ok_or_else(|| Error::TooLarge {
+                what: "the smallest kernel tile",
+                bytes: KernelConfig {
+                    tile_rows: 8,
+                    tile_cols: 32,
+                    head_dim,
+                    dc: 8.min(head_dim),
+                    tx: 8,
+                    ty: 8,
+                }
+                .workgroup_bytes() as u64,
+                limit_name: "max_compute_workgroup_storage_size",
+                limit: limits.max_compute_workgroup_storage_size as u64,
+            })
+    }
+}
+
+/// Uniform parameters of one dispatch (must match `Params` in the shader).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
+pub(crate) struct Params {
+    pub seq_q: u32,
+    pub seq_k: u32,
+    pub heads: u32,
+    pub group: u32,
+    pub scale_log2: f32,
+    pub words_per_row: u32,
+    pub mask_batch_stride: u32,
+    pub rows_off: u32,
+    pub cols_off: u32,
+    pub neg_inf_bits: u32,
+    pub k_tiles: u32,
+    pub perm_off: u32,
+}
+
+/// One specialisation of the kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct Variant {
+    pub config: KernelConfig,
+    pub path: Path,
+    pub dense_mask: bool,
+    pub write_lse: bool,
+    pub permuted: bool,
+}
+
+/// Compiled pipelines of one device, shared by every plan on it.
+#[derive(Clone, Default)]
+pub(crate) struct PipelineCache {
+    inner: Arc<Mutex<CacheInner>>,
+}
+
+#[derive(Default)]
+struct CacheInner {
+    module: Option<wgpu::ShaderModule>,
+    layout: Option<(wgpu::BindGroupLayout, wgpu::PipelineLayout)>,
+    pipelines: HashMap<Variant, wgpu::ComputePipeline>,
+}
+
+fn storage(binding: u32, read_only: bool) -> wgpu::BindGroupLayoutEntry {
+    wgpu::BindGroupLayoutEntry {
+        binding,
+        visibility: wgpu::ShaderStages::COMPUTE,
+        ty: wgpu::BindingType::Buffer {
+            ty: wgpu::BufferBindingType::Storage { read_only },
+            has_dynamic_offset: false,
+            min_binding_size: None,
+        },
+        count: None,
+    }
+}
+
+impl PipelineCache {
+    /// The pipeline of `variant` and its bind group layout, compiled on first use.
+    pub fn get(
+        &self,
+        device: &wgpu::Device,
+        variant: Variant,
+    ) -> Result<(wgpu::ComputePipeline, wgpu::BindGroupLayout)> {
+        let mut c = self
+            .inner
+            .lock()
+            .map_err(|_| Error::Device("pipeline cache poisoned".into()))?;
+        let module = c
+            .module
+            .get_or_insert_with(|| {
+                device.create_shader_module(wgpu::ShaderModuleDescriptor {
+                    label: Some("blockflash attention"),
+                    source: wgpu::ShaderSource::Wgsl(ATTENTION_WGSL.into()),
+                })
+            })
+            .clone();
+        let (bgl, layout) = c
+            .layout
+            .get_or_insert_with(|| {
+                let uniform = wgpu::BindGroupLayoutEntry {
+                    binding: 0,
+                    visibility: wgpu::ShaderStages::COMPUTE,
+                    ty: wgpu::BindingType::Buffer {
+                        ty: wgpu::BufferBindingType::Uniform,
+                        has_dynamic_offset: false,
+                        min_binding_size: None,
+                    },
+                    count: None,
+                };
+                let bgl = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+                    label: Some("blockflash attention"),
+                    entries: &[
+                        uniform,
+                        storage(1, true),
+                        storage(2, true),
+                        storage(3, true),
+                        storage(4, false),
+                        storage(5, false),
+                        storage(6, true),
+                        storage(7, true),
+                    ],
+                });
+                let layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+                    label: Some("blockflash attention"),
+                    bind_group_layouts: &[Some(&bgl)],
+                    immediate_size: 0,
+                });
+                (bgl, layout)
+            })
+            .clone();
+        if let Some(p) = c.pipelines.get(&variant) {
+            return Ok((p.clone(), bgl));
+        }
+        let k = variant.config;
+        let constants = [
+            ("BR", k.tile_rows as f64),
+            ("BC", k.tile_cols as f64),
+            ("D", k.head_dim as f64),
+            ("DC", k.dc as f64),
+            ("TX", k.tx as f64),
+            ("TY", k.ty as f64),
+            ("PATH", variant.path.code() as f64),
+            ("DENSE_MASK", variant.dense_mask as u32 as f64),
+            ("WRITE_LSE", variant.write_lse as u32 as f64),
+            ("PERMUTED", variant.permuted as u32 as f64),
+        ];
+        let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some("blockflash attention"),
+            layout: Some(&layout),
+            module: &module,
+            entry_point: Some("main"),
+            compilation_options: wgpu::PipelineCompilationOptions {
+                constants: &constants,
+                zero_initialize_workgroup_memory: false,
+            },
+            cache: None,
+        });
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            return Err(Error::Device(format!(
+                "kernel {variant:?} failed to build: {e}"
+            )));
+        }
+        c.pipelines.insert(variant, pipeline.clone());
+        Ok((pipeline, bgl))
+    }
+}

@@ -1,0 +1,845 @@
+//! `Plan`: built once from a mask and a problem shape, run many times. It picks the tile shape
+//! and the path (dense, run-length, sparse list), orders the work, optionally reorders tokens
+//! with Reverse Cuthill–McKee, uploads its index buffers once, and dispatches the kernel.
+
+use std::fmt::Write as _;
+use std::time::Instant;
+
+use wgpu::util::DeviceExt;
+
+use crate::block_mask::BlockMask;
+use crate::error::{Error, Result};
+use crate::gpu::{Gpu, Tier};
+use crate::kernel::{KernelConfig, Params, Path, Variant};
+use crate::mask::Mask;
+use crate::reference::{check_mask, Output};
+use crate::shape::Shape;
+
+/// Whether the plan reorders tokens with Reverse Cuthill–McKee.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Reorder {
+    /// Reorder when the mask is square, shared, scattered, and reordering removes enough tiles.
+    #[default]
+    Auto,
+    /// Never reorder.
+    Off,
+    /// Always reorder (square shared masks only).
+    On,
+}
+
+/// Choices a caller can make when building a [`Plan`]; `Default` lets the plan decide.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PlanOptions {
+    /// Softmax scale; `None` means 1/sqrt(d).
+    pub scale: Option<f32>,
+    /// Force a path; `None` picks one with the cost model.
+    pub path: Option<Path>,
+    /// Force a tile shape (rows, cols); `None` picks one.
+    pub tile: Option<(usize, usize)>,
+    /// Token reordering.
+    pub reorder: Reorder,
+    /// Whether the kernel writes the log-sum-exp.
+    pub write_lse: bool,
+}
+
+impl Default for PlanOptions {
+    fn default() -> Self {
+        PlanOptions {
+            scale: None,
+            path: None,
+            tile: None,
+            reorder: Reorder::Auto,
+            write_lse: true,
+        }
+    }
+}
+
+/// GPU buffers of one attention call, owned by the caller (the GPU-resident form).
+///
+/// Q `[B, H, Nq, d]`, K and V `[B, Hkv, Nk, d]`, O `[B, H, Nq, d]` as f32 storage buffers, LSE
+/// `[B, H, Nq]` f32 (needed only when the plan writes it).
+#[derive(Clone, Copy, Debug)]
+pub struct Tensors<'a> {
+    /// Queries (STORAGE).
+    pub q: &'a wgpu::Buffer,
+    /// Keys (STORAGE).
+    pub k: &'a wgpu::Buffer,
+    /// Values (STORAGE).
+    pub v: &'a wgpu::Buffer,
+    /// Output (STORAGE).
+    pub o: &'a wgpu::Buffer,
+    /// Log-sum-exp output (STORAGE).
+    pub lse: &'a wgpu::Buffer,
+}
+
+/// A part of the batch × key/value-head grid small enough for one storage binding.
+#[derive(Debug)]
+struct Chunk {
+    b0: usize,
+    nb: usize,
+    hk0: usize,
+    nhk: usize,
+    params: wgpu::Buffer,
+    index: wgpu::Buffer,
+    items: u32,
+    z: u32,
+}
+
+/// A built attention plan: mask → block mask → path, tiles and buffers, ready to run.
+///
+/// ```no_run
+/// use blockflash::{Gpu, Mask, Plan, PlanOptions, Shape};
+/// let gpu = Gpu::new()?;
+/// let shape = Shape::new(1, 8, 1024, 64);
+/// let mask = Mask::causal(1024, 1024)?;
+/// let plan = Plan::new(&gpu, shape, Some(&mask), PlanOptions::default())?;
+/// println!("{}", plan.describe());
+/// let n = shape.q_len();
+/// let (q, k, v) = (vec![0.5f32; n], vec![0.25f32; n], vec![1.0f32; n]);
+/// let out = plan.run(&q, &k, &v)?;
+/// # Ok::<(), blockflash::Error>(())
+/// ```
+pub struct Plan {
+    gpu: Gpu,
+    shape: Shape,
+    scale: f32,
+    config: KernelConfig,
+    path: Path,
+    dense_mask: bool,
+    write_lse: bool,
+    block_mask: Option<BlockMask>,
+    permuted: Option<(usize, usize)>,
+    chunks: Vec<Chunk>,
+    bits: wgpu::Buffer,
+    why: String,
+    build_ms: f64,
+}
+
+/// Estimated cost of one tile in arbitrary units: the multiply-adds, the K/V loads that the
+/// tile's rows share, and a fixed cost of barriers and loop overhead.
+fn tile_cost(c: &KernelConfig) -> f64 {
+    let (br, bc, d) = (c.tile_rows as f64, c.tile_cols as f64, c.head_dim as f64);
+    br * bc * d + 8.0 * bc * d + 4096.0
+}
+
+/// Extra cost of applying mask bits to one tile.
+fn mask_cost(c: &KernelConfig) -> f64 {
+    (c.tile_rows * c.tile_cols) as f64 * 4.0
+}
+
+struct Choice {
+    config: KernelConfig,
+    path: Path,
+    block_mask: Option<BlockMask>,
+    cost: f64,
+    dense_cost: f64,
+}
+
+fn choose(
+    candidates: &[KernelConfig],
+    mask: &Mask,
+    forced_path: Option<Path>,
+    forced_block: Option<BlockMask>,
+) -> Result<Choice> {
+    let mut best: Option<Choice> = None;
+    let mut tried = std::collections::HashSet::new();
+    for &config in candidates {
+        if !tried.insert((config.tile_rows, config.tile_cols)) {
+            continue;
+        }
+        let bm = match &forced_block {
+            Some(b) => b.clone(),
+            None => BlockMask::new(mask, config.tile_rows, config.tile_cols)?,
+        };
+        let tiles = bm.total_tiles() as f64;
+        let t = tile_cost(&config);
+        let m = mask_cost(&config);
+        let dense_cost = tiles * (t + m);
+        let active = bm.active_tiles() as f64;
+        let partial = bm.partial_tiles() as f64;
+        let block_cost = active * t + partial * m;
+        let mut options = vec![
+            (Path::Dense, dense_cost),
+            (Path::Sparse, block_cost + active * 64.0),
+        ];
+        if bm.runs().is_some() {
+            options.push((Path::RunLength, block_cost));
+        }
+        if let Some(p) = forced_path {
+            if p == Path::RunLength && bm.runs().is_none() {
+                return Err(Error::PathNotEligible(format!(
+                    "the run-length path needs every query tile's active key tiles to form one \
+                     interval with the full ones one inner interval; this mask at {}x{} tiles \
+                     does not",
+                    config.tile_rows, config.tile_cols
+                )));
+            }
+            options.retain(|(q, _)| *q == p);
+        }
+        let (path, cost) = options
+            .into_iter()
+            .min_by(|a, b| a.1.total_cmp(&b.1))
+            .expect("at least one path");
+        if best.as_ref().is_none_or(|b| cost < b.cost) {
+            best = Some(Choice {
+                config,
+                path,
+                block_mask: Some(bm),
+                cost,
+                dense_cost,
+            });
+        }
+    }
+    best.ok_or_else(|| Error::InvalidArgument {
+        what: "tile",
+        why: "no kernel configuration fits the adapter".into(),
+    })
+}
+
+impl Plan {
+    /// Builds a plan for `shape` with an optional mask (`[Nq, Nk]` shared, or one per batch
+    /// element). Uploads the block mask and index buffers once.
+    pub fn new(gpu: &Gpu, shape: Shape, mask: Option<&Mask>, options: PlanOptions) -> Result<Plan> {
+        Self::build(gpu, shape, mask, None, options)
+    }
+
+    /// Builds a plan from a block mask built earlier (its tile shape fixes the kernel's tiles).
+    pub fn from_block_mask(
+        gpu: &Gpu,
+        shape: Shape,
+        mask: &Mask,
+        block_mask: BlockMask,
+        options: PlanOptions,
+    ) -> Result<Plan> {
+        let options = PlanOptions {
+            tile: Some((block_mask.tile_rows(), block_mask.tile_cols())),
+            reorder: Reorder::Off,
+            ..options
+        };
+        Self::build(gpu, shape, Some(mask), Some(block_mask), options)
+    }
+
+    fn build(
+        gpu: &Gpu,
+        shape: Shape,
+        mask: Option<&Mask>,
+        forced_block: Option<BlockMask>,
+        options: PlanOptions,
+    ) -> Result<Plan> {
+        let start = Instant::now();
+        shape.validate()?;
+        if let Some(m) = mask {
+            check_mask(&shape, m)?;
+        }
+        let limits = gpu.limits();
+        let mut candidates = KernelConfig::candidates(&limits, shape.head_dim);
+        if let Some((r, c)) = options.tile {
+            candidates.retain(|k| k.tile_rows == r && k.tile_cols == c);
+            if candidates.is_empty() {
+                return Err(Error::InvalidArgument {
+                    what: "tile",
+                    why: format!(
+                        "{r}x{c} is not a tile shape the kernel runs at head dim {} on this \
+                         adapter (shapes: {:?})",
+                        shape.head_dim,
+                        KernelConfig::candidates(&limits, shape.head_dim)
+                            .iter()
+                            .map(|k| format!("{}x{}", k.tile_rows, k.tile_cols))
+                            .collect::<Vec<_>>()
+                    ),
+                });
+            }
+        }
+        if candidates.is_empty() {
+            KernelConfig::choose(&limits, shape.head_dim)?;
+        }
+        let mut why = String::new();
+
+        // Reverse Cuthill–McKee on square shared masks.
+        let mut reordered: Option<(Mask, Vec<u32>, usize, usize)> = None;
+        if let Some(m) = mask {
+            let square = m.seq_q() == m.seq_k() && !m.is_per_batch();
+            let want = match options.reorder {
+                Reorder::Off => false,
+                Reorder::On => {
+                    if !square {
+                        return Err(Error::NotSquare {
+                            seq_q: m.seq_q(),
+                            seq_k: m.seq_k(),
+                        });
+                    }
+                    true
+                }
+                Reorder::Auto => {
+                    let c = &candidates[0];
+                    square
+                        && forced_block.is_none()
+                        && options.path != Some(Path::RunLength)
+                        && BlockMask::new(m, c.tile_rows, c.tile_cols)?
+                            .runs()
+                            .is_none()
+                }
+            };
+            if want {
+                let c = &candidates[0];
+                let rep = crate::rcm::rcm_report(m, c.tile_rows, c.tile_cols)?;
+                let pays = rep.active_after * 10 < rep.active_before * 8;
+                if options.reorder == Reorder::On || pays {
+                    let _ = writeln!(
+                        why,
+                        "RCM reordering: active tiles {} -> {} at {}x{}",
+                        rep.active_before, rep.active_after, c.tile_rows, c.tile_cols
+                    );
+                    reordered = Some((
+                        m.permuted(&rep.perm)?,
+                        rep.perm,
+                        rep.active_before,
+                        rep.active_after,
+                    ));
+                } else {
+                    let _ = writeln!(
+                        why,
+                        "RCM not applied: active tiles {} -> {} saves under 20%",
+                        rep.active_before, rep.active_after
+                    );
+                }
+            }
+        }
+        let mask_used = reordered.as_ref().map(|r| &r.0).or(mask);
+
+        let (config, path, block_mask) = match mask_used {
+            None => {
+                if options.path.is_some_and(|p| p != Path::Dense) {
+                    return Err(Error::PathNotEligible(
+                        "without a mask only the dense path runs".into(),
+                    ));
+                }
+                let _ = writeln!(why, "no mask: dense path");
+                (candidates[0], Path::Dense, None)
+            }
+            Some(m) => {
+                let ch = choose(&candidates, m, options.path, forced_block)?;
+                let _ = writeln!(
+                    why,
+                    "cost model: {} at {}x{} tiles costs {:.3} of dense{}",
+                    ch.path,
+                    ch.config.tile_rows,
+                    ch.config.tile_cols,
+                    ch.cost / ch.dense_cost.max(1.0),
+                    if options.path.is_some() {
+                        " (path forced)"
+                    } else {
+                        ""
+                    }
+                );
+                (ch.config, ch.path, ch.block_mask)
+            }
+        };
+        let dense_mask = path == Path::Dense && mask_used.is_some();
+
+        // Index buffer: work items, per-row table, key-tile list, permutation.
+        let q_tiles = shape.seq_q.div_ceil(config.tile_rows);
+        let k_tiles = shape.seq_k.div_ceil(config.tile_cols);
+        let per_batch = mask_used.is_some_and(|m| m.is_per_batch());
+        let (rows_tab, cols_tab): (Vec<u32>, Vec<u32>) = match (&block_mask, path) {
+            (Some(bm), Path::RunLength) => {
+                let runs = bm.runs().expect("eligible");
+                let mut t = Vec::with_capacity(runs.len() * 8);
+                for (r, run) in runs.iter().enumerate() {
+                    t.extend_from_slice(run);
+                    t.extend_from_slice(&[bm.partial_base()[r], 0, 0, 0]);
+                }
+                (t, Vec::new())
+            }
+            (Some(bm), Path::Sparse) => {
+                let rp = bm.row_ptr();
+                let mut t = Vec::with_capacity((rp.len() - 1) * 8);
+                for r in 0..rp.len() - 1 {
+                    t.extend_from_slice(&[rp[r], rp[r + 1], bm.full_count()[r], 0]);
+                    t.extend_from_slice(&[bm.partial_base()[r], 0, 0, 0]);
+                }
+                (t, bm.cols().to_vec())
+            }
+            _ => (Vec::new(), Vec::new()),
+        };
+        let perm: Vec<u32> = reordered.as_ref().map(|r| r.1.clone()).unwrap_or_default();
+        let row_work = |b: usize, qt: usize| -> usize {
+            match (&block_mask, path) {
+                (Some(bm), Path::RunLength | Path::Sparse) => bm.row_work(b, qt),
+                _ => k_tiles,
+            }
+        };
+
+        let bits: Vec<u32> = match (&block_mask, path, mask_used) {
+            (_, Path::Dense, Some(m)) => (0..m.batches())
+                .flat_map(|b| m.words(b).iter().copied())
+                .collect(),
+            (Some(bm), _, _) => bm.partial_bits().to_vec(),
+            _ => Vec::new(),
+        };
+        let binding_limit = limits
+            .max_storage_buffer_binding_size
+            .min(limits.max_buffer_size);
+        let bits_bytes = (bits.len() * 4) as u64;
+        if bits_bytes > binding_limit {
+            return Err(Error::TooLarge {
+                what: "mask bits",
+                bytes: bits_bytes,
+                limit_name: "max_storage_buffer_binding_size",
+                limit: binding_limit,
+            });
+        }
+        let device = gpu.device();
+        let bits_buf = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some("blockflash mask bits"),
+            contents: bytemuck::cast_slice(if bits.is_empty() { &[0u32; 4] } else { &bits }),
+            usage: wgpu::BufferUsages::STORAGE,
+        });
+
+        let chunk_dims = split_work(&shape, binding_limit, q_tiles, per_batch, &limits)?;
+        let mut chunks = Vec::with_capacity(chunk_dims.len());
+        for (b0, nb, hk0, nhk) in chunk_dims {
+            // Work items, heaviest query tiles first.
+            let mut items: Vec<(usize, [u32; 4])> = Vec::new();
+            let batches = if per_batch { nb } else { 1 };
+            for bl in 0..batches {
+                let bm_b = if per_batch { b0 + bl } else { 0 };
+                for qt in 0..q_tiles {
+                    let row = (bm_b * q_tiles + qt) as u32;
+                    items.push((row_work(bm_b, qt), [qt as u32, row, bl as u32, 0]));
+                }
+            }
+            items.sort_by_key(|(w, _)| std::cmp::Reverse(*w));
+            let mut index: Vec<u32> = items.iter().flat_map(|(_, it)| *it).collect();
+            let rows_off = index.len() as u32;
+            index.extend_from_slice(&rows_tab);
+            let cols_off = index.len() as u32;
+            index.extend_from_slice(&cols_tab);
+            let perm_off = index.len() as u32;
+            index.extend_from_slice(&perm);
+            let params = Params {
+                seq_q: shape.seq_q as u32,
+                seq_k: shape.seq_k as u32,
+                heads: (nhk * shape.group()) as u32,
+                group: shape.group() as u32,
+                scale_log2: options.scale.unwrap_or(shape.default_scale())
+                    * std::f32::consts::LOG2_E,
+                words_per_row: shape.seq_k.div_ceil(32) as u32,
+                mask_batch_stride: if per_batch {
+                    (shape.seq_q * shape.seq_k.div_ceil(32)) as u32
+                } else {
+                    0
+                },
+                rows_off,
+                cols_off,
+                neg_inf_bits: f32::NEG_INFINITY.to_bits(),
+                k_tiles: k_tiles as u32,
+                perm_off,
+            };
+            let params_buf = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some("blockflash params"),
+                contents: bytemuck::bytes_of(&params),
+                usage: wgpu::BufferUsages::UNIFORM,
+            });
+            let index_buf = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some("blockflash index"),
+                contents: bytemuck::cast_slice(&index),
+                usage: wgpu::BufferUsages::STORAGE,
+            });
+            chunks.push(Chunk {
+                b0,
+                nb,
+                hk0,
+                nhk,
+                params: params_buf,
+                index: index_buf,
+                items: items.len() as u32,
+                z: if per_batch { 1 } else { nb as u32 },
+            });
+        }
+        let plan = Plan {
+            gpu: gpu.clone(),
+            shape,
+            scale: options.scale.unwrap_or(shape.default_scale()),
+            config,
+            path,
+            dense_mask,
+            write_lse: options.write_lse,
+            block_mask,
+            permuted: reordered.map(|r| (r.2, r.3)),
+            chunks,
+            bits: bits_buf,
+            why,
+            build_ms: 0.0,
+        };
+        // Compile now, so that the first run is not the one that pays for it.
+        plan.gpu.pipelines().get(device, plan.variant())?;
+        gpu.check_lost()?;
+        Ok(Plan {
+            build_ms: start.elapsed().as_secs_f64() * 1e3,
+            ..plan
+        })
+    }
+
+    fn variant(&self) -> Variant {
+        Variant {
+            config: self.config,
+            path: self.path,
+            dense_mask: self.dense_mask,
+            write_lse: self.write_lse,
+            permuted: self.permuted.is_some(),
+        }
+    }
+
+    /// The problem shape the plan was built for.
+    pub fn shape(&self) -> Shape {
+        self.shape
+    }
+
+    /// The path the plan runs.
+    pub fn path(&self) -> Path {
+        self.path
+    }
+
+    /// The kernel configuration (tile shape, thread grid).
+    pub fn config(&self) -> KernelConfig {
+        self.config
+    }
+
+    /// The kernel tier the plan runs.
+    pub fn tier(&self) -> Tier {
+        Tier::PortableF32
+    }
+
+    /// The block mask the plan runs on (in reordered token order when RCM was applied).
+    pub fn block_mask(&self) -> Option<&BlockMask> {
+        self.block_mask.as_ref()
+    }
+
+    /// Fraction of tiles the plan computes (1 for the dense path).
+    pub fn computed_fraction(&self) -> f64 {
+        match (&self.block_mask, self.path) {
+            (Some(bm), Path::RunLength | Path::Sparse) => bm.active_fraction(),
+            _ => 1.0,
+        }
+    }
+
+    /// Milliseconds spent building the plan (block mask, choice, uploads, kernel compile).
+    pub fn build_ms(&self) -> f64 {
+        self.build_ms
+    }
+
+    /// What the plan chose and why.
+    pub fn describe(&self) -> String {
+        let s = &self.shape;
+        let c = &self.config;
+        let mut d = String::new();
+        let _ = writeln!(
+            d,
+            "shape: B={} H={} Hkv={} Nq={} Nk={} d={} scale={}",
+            s.batch, s.heads, s.kv_heads, s.seq_q, s.seq_k, s.head_dim, self.scale
+        );
+        let _ = writeln!(
+            d,
+            "tier: {}; tiles {}x{}, head-dim chunk {}, {} threads ({}x{}), {} B workgroup memory",
+            self.tier(),
+            c.tile_rows,
+            c.tile_cols,
+            c.dc,
+            c.threads(),
+            c.tx,
+            c.ty,
+            c.workgroup_bytes()
+        );
+        let _ = writeln!(d, "path: {}", self.path);
+        if let Some(bm) = &self.block_mask {
+            let _ = writeln!(
+                d,
+                "tiles: active {:.4}, partial {:.4}, full {:.4}; run-length eligible: {}",
+                bm.active_fraction(),
+                bm.partial_fraction(),
+                bm.full_fraction(),
+                bm.runs().is_some()
+            );
+            let _ = writeln!(
+                d,
+                "expected work vs dense: {:.4} (ideal speedup {:.2}x)",
+                self.computed_fraction(),
+                1.0 / self.computed_fraction().max(1e-9)
+            );
+            let _ = writeln!(
+                d,
+                "mask memory: {} B (a dense bit mask: {} B)",
+                if self.dense_mask {
+                    bm.dense_mask_bytes()
+                } else {
+                    bm.mask_bytes()
+                },
+                bm.dense_mask_bytes()
+            );
+        }
+        if let Some((before, after)) = self.permuted {
+            let _ = writeln!(
+                d,
+                "tokens reordered (RCM): active tiles {before} -> {after}"
+            );
+        }
+        let _ = writeln!(
+            d,
+            "work order: heaviest query tiles first; {} dispatch(es)",
+            self.chunks.len()
+        );
+        d += &self.why;
+        d
+    }
+
+    /// Encodes the attention into `encoder` over buffers the caller owns (GPU-resident form).
+    ///
+    /// Every buffer must hold at least the plan's shape, within one storage binding of the
+    /// adapter (the host form [`Plan::run`] splits larger problems).
+    pub fn encode(&self, encoder: &mut wgpu::CommandEncoder, t: &Tensors) -> Result<()> {
+        self.encode_timed(encoder, t, None)
+    }
+
+    /// Like [`Plan::encode`], writing GPU timestamps at the start and end of the pass into
+    /// `timestamps` (query set, first index) when given.
+    pub fn encode_timed(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        t: &Tensors,
+        timestamps: Option<(&wgpu::QuerySet, u32)>,
+    ) -> Result<()> {
+        if self.chunks.len() != 1 {
+            let limits = self.gpu.limits();
+            return Err(Error::TooLarge {
+                what: "one of Q, K, V, O",
+                bytes: (self.shape.q_len().max(self.shape.kv_len()) * 4) as u64,
+                limit_name: "max_storage_buffer_binding_size",
+                limit: limits.max_storage_buffer_binding_size,
+            });
+        }
+        let s = &self.shape;
+        for (what, buf, need) in [
+            ("q buffer", t.q, s.q_len()),
+            ("k buffer", t.k, s.kv_len()),
+            ("v buffer", t.v, s.kv_len()),
+            ("o buffer", t.o, s.q_len()),
+            (
+                "lse buffer",
+                t.lse,
+                if self.write_lse { s.lse_len() } else { 1 },
+            ),
+        ] {
+            if buf.size() < (need * 4) as u64 {
+                return Err(Error::ShapeMismatch {
+                    what,
+                    expected: format!("at least {} bytes", need * 4),
+                    got: format!("{} bytes", buf.size()),
+                });
+            }
+        }
+        self.encode_chunk(encoder, &self.chunks[0], t, timestamps)
+    }
+
+    fn encode_chunk(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        chunk: &Chunk,
+        t: &Tensors,
+        timestamps: Option<(&wgpu::QuerySet, u32)>,
+    ) -> Result<()> {
+        let device = self.gpu.device();
+        let (pipeline, bgl) = self.gpu.pipelines().get(device, self.variant())?;
+        let bind = device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some("blockflash attention"),
+            layout: &bgl,
+            entries: &[
+                (0, &chunk.params),
+                (1, t.q),
+                (2, t.k),
+                (3, t.v),
+                (4, t.o),
+                (5, t.lse),
+                (6, &chunk.index),
+                (7, &self.bits),
+            ]
+            .map(|(binding, b)| wgpu::BindGroupEntry {
+                binding,
+                resource: b.as_entire_binding(),
+            }),
+        });
+        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some("blockflash attention"),
+            timestamp_writes: timestamps.map(|(qs, i)| wgpu::ComputePassTimestampWrites {
+                query_set: qs,
+                beginning_of_pass_write_index: Some(i),
+                end_of_pass_write_index: Some(i + 1),
+            }),
+        });
+        pass.set_pipeline(&pipeline);
+        pass.set_bind_group(0, &bind, &[]);
+        pass.dispatch_workgroups(
+            chunk.items,
+            (chunk.nhk * self.shape.group()) as u32,
+            chunk.z,
+        );
+        Ok(())
+    }
+
+    /// Runs attention on host tensors and reads the result back (blocking).
+    ///
+    /// Q `[B, H, Nq, d]`, K and V `[B, Hkv, Nk, d]` row-major f32; returns O `[B, H, Nq, d]`
+    /// and LSE `[B, H, Nq]` (natural log; −∞ for rows with no allowed key; empty when the
+    /// plan does not write it).
+    pub fn run(&self, q: &[f32], k: &[f32], v: &[f32]) -> Result<Output<f32>> {
+        let s = self.shape;
+        s.check_inputs(q.len(), k.len(), v.len())?;
+        let mut o = vec![0f32; s.q_len()];
+        let mut lse = vec![0f32; if self.write_lse { s.lse_len() } else { 0 }];
+        let d = s.head_dim;
+        let g = s.group();
+        for chunk in &self.chunks {
+            let nh = chunk.nhk * g;
+            // Gather this chunk's slices (contiguous per batch element).
+            let q_rows = nh * s.seq_q * d;
+            let kv_rows = chunk.nhk * s.seq_k * d;
+            let gather = |src: &[f32], per_b: usize, off: usize, len: usize| -> Vec<f32> {
+                (chunk.b0..chunk.b0 + chunk.nb)
+                    .flat_map(|b| src[b * per_b + off..][..len].iter().copied())
+                    .collect()
+            };
+            let qc = gather(
+                q,
+                s.heads * s.seq_q * d,
+                chunk.hk0 * g * s.seq_q * d,
+                q_rows,
+            );
+            let kc = gather(
+                k,
+                s.kv_heads * s.seq_k * d,
+                chunk.hk0 * s.seq_k * d,
+                kv_rows,
+            );
+            let vc = gather(
+                v,
+                s.kv_heads * s.seq_k * d,
+                chunk.hk0 * s.seq_k * d,
+                kv_rows,
+            );
+            let (oc, lc) = self.run_chunk(chunk, &qc, &kc, &vc)?;
+            for bl in 0..chunk.nb {
+                let b = chunk.b0 + bl;
+                o[b * s.heads * s.seq_q * d + chunk.hk0 * g * s.seq_q * d..][..q_rows]
+                    .copy_from_slice(&oc[bl * q_rows..][..q_rows]);
+                if self.write_lse {
+                    let n = nh * s.seq_q;
+                    lse[b * s.heads * s.seq_q + chunk.hk0 * g * s.seq_q..][..n]
+                        .copy_from_slice(&lc[bl * n..][..n]);
+                }
+            }
+        }
+        Ok(Output { o, lse })
+    }
+
+    fn run_chunk(
+        &self,
+        chunk: &Chunk,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        let device = self.gpu.device();
+        let upload = |data: &[f32], label| {
+            device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some(label),
+                contents: bytemuck::cast_slice(data),
+                usage: wgpu::BufferUsages::STORAGE,
+            })
+        };
+        let (qb, kb, vb) = (upload(q, "q"), upload(k, "k"), upload(v, "v"));
+        let out = |len: usize, label| {
+            device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size: (len.max(4) * 4) as u64,
+                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+                mapped_at_creation: false,
+            })
+        };
+        let lse_len = chunk.nb * chunk.nhk * self.shape.group() * self.shape.seq_q;
+        let (ob, lb) = (out(q.len(), "o"), out(lse_len, "lse"));
+        let mut encoder = device.create_command_encoder(&Default::default());
+        let t = Tensors {
+            q: &qb,
+            k: &kb,
+            v: &vb,
+            o: &ob,
+            lse: &lb,
+        };
+        self.encode_chunk(&mut encoder, chunk, &t, None)?;
+        let o = crate::readback::read_f32(&self.gpu, encoder, &[(&ob, q.len()), (&lb, lse_len)])?;
+        let mut it = o.into_iter();
+        Ok((it.next().unwrap_or_default(), it.next().unwrap_or_default()))
+    }
+}
+
+/// Splits (batch, kv-head) work so that every tensor of a part fits one storage binding and
+/// every dispatch dimension fits the adapter: returns (b0, nb, hk0, nhk) parts.
+fn split_work(
+    s: &Shape,
+    binding_limit: u64,
+    q_tiles: usize,
+    per_batch: bool,
+    limits: &wgpu::Limits,
+) -> Result<Vec<(usize, usize, usize, usize)>> {
+    let max_dim = limits.max_compute_workgroups_per_dimension as usize;
+    let d = s.head_dim;
+    let g = s.group();
+    let q_b = (s.heads * s.seq_q * d * 4) as u64;
+    let kv_b = (s.kv_heads * s.seq_k * d * 4) as u64;
+    if q_tiles > max_dim {
+        return Err(Error::TooLarge {
+            what: "query tiles of one dispatch",
+            bytes: q_tiles as u64,
+            limit_name: "max_compute_workgroups_per_dimension",
+            limit: max_dim as u64,
+        });
+    }
+    let mut parts = Vec::new();
+    if q_b.max(kv_b) <= binding_limit && s.heads <= max_dim {
+        let mut nb = ((binding_limit / q_b.max(kv_b)) as usize)
+            .min(s.batch)
+            .min(max_dim);
+        if per_batch {
+            nb = nb.min(max_dim / q_tiles).max(1);
+        }
+        let mut b0 = 0;
+        while b0 < s.batch {
+            let n = nb.min(s.batch - b0);
+            parts.push((b0, n, 0, s.kv_heads));
+            b0 += n;
+        }
+        return Ok(parts);
+    }
+    let q_h = (g * s.seq_q * d * 4) as u64;
+    let kv_h = (s.seq_k * d * 4) as u64;
+    if q_h.max(kv_h) > binding_limit {
+        return Err(Error::TooLarge {
+            what: "the queries or keys of one key/value head",
+            bytes: q_h.max(kv_h),
+            limit_name: "max_storage_buffer_binding_size",
+            limit: binding_limit,
+        });
+    }
+    let nhk = ((binding_limit / q_h.max(kv_h)) as usize)
+        .min(s.kv_heads)
+        .min((max_dim / g).max(1));
+    for b in 0..s.batch {
+        let mut hk0 = 0;
+        while hk0 < s.kv_heads {
+            let n = nhk.min(s.kv_heads - hk0);
+            parts.push((b, 1, hk0, n));
+            hk0 += n;
+        }
+    }
+    Ok(parts)
+}

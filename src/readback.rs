@@ -1,0 +1,63 @@
+//! Reading GPU buffers back to the host: copy to staging buffers, map, wait.
+
+use crate::error::{Error, Result};
+use crate::gpu::Gpu;
+
+/// Submits `encoder` after copying each `(buffer, f32 count)` into a staging buffer, waits, and
+/// returns the buffers' contents.
+pub(crate) fn read_f32(
+    gpu: &Gpu,
+    mut encoder: wgpu::CommandEncoder,
+    sources: &[(&wgpu::Buffer, usize)],
+) -> Result<Vec<Vec<f32>>> {
+    let device = gpu.device();
+    let staging: Vec<(wgpu::Buffer, usize)> = sources
+        .iter()
+        .map(|&(src, len)| {
+            let size = (len * 4) as u64;
+            let dst = device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("blockflash readback"),
+                size: size.max(4),
+                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            });
+            if size > 0 {
+                encoder.copy_buffer_to_buffer(src, 0, &dst, 0, size);
+            }
+            (dst, len)
+        })
+        .collect();
+    let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+    gpu.queue().submit([encoder.finish()]);
+    let mut receivers = Vec::new();
+    for (buf, _) in &staging {
+        let (tx, rx) = futures_intrusive::channel::shared::oneshot_channel();
+        buf.slice(..).map_async(wgpu::MapMode::Read, move |r| {
+            tx.send(r).ok();
+        });
+        receivers.push(rx);
+    }
+    device
+        .poll(wgpu::PollType::wait_indefinitely())
+        .map_err(|e| Error::Device(format!("waiting for the GPU failed: {e}")))?;
+    if let Some(e) = pollster::block_on(scope.pop()) {
+        return Err(Error::Device(e.to_string()));
+    }
+    gpu.check_lost()?;
+    let mut out = Vec::with_capacity(staging.len());
+    for ((buf, len), rx) in staging.iter().zip(receivers) {
+        match pollster::block_on(rx.receive()) {
+            Some(Ok(())) => {}
+            Some(Err(e)) => return Err(Error::Device(format!("mapping a buffer failed: {e}"))),
+            None => return Err(Error::Device("mapping a buffer was cancelled".into())),
+        }
+        let view = buf
+            .slice(..)
+            .get_mapped_range()
+            .map_err(|e| Error::Device(format!("reading a mapped buffer failed: {e}")))?;
+        out.push(bytemuck::cast_slice::<u8, f32>(&view)[..*len].to_vec());
+        drop(view);
+        buf.unmap();
+    }
+    Ok(out)
+}

@@ -1,0 +1,178 @@
+//! The benchmark suite: the mask families of real workloads at a given length, and one timed,
+//! verified run of a case (masked plan against the dense plan on the same inputs).
+
+use std::time::Instant;
+
+use crate::error::Result;
+use crate::gpu::Gpu;
+use crate::kernel::Path;
+use crate::mask::{complete_tree_parents, Mask, SplitMix64};
+use crate::plan::{Plan, PlanOptions};
+use crate::reference::sampled_error;
+use crate::shape::Shape;
+use crate::timing::{median_ms, Clock, Resident};
+
+/// Names of the suite's mask families, in the order they run.
+pub const FAMILIES: [&str; 8] = [
+    "causal",
+    "sliding-window",
+    "documents",
+    "prefix-lm",
+    "longformer",
+    "bigbird",
+    "tree",
+    "random-blocks",
+];
+
+/// Document lengths drawn from a log-normal distribution (median `median`, σ = 1) that add up
+/// to `seq` (the last document takes the remainder).
+pub fn lognormal_lengths(seq: usize, median: usize, seed: u64) -> Vec<usize> {
+    let mut rng = SplitMix64::new(seed);
+    let mut out = Vec::new();
+    let mut left = seq;
+    while left > 0 {
+        // Box–Muller
+        let u1 = rng.next_f64().max(1e-12);
+        let u2 = rng.next_f64();
+        let z = (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos();
+        let len = ((median as f64) * z.exp()).round().max(1.0) as usize;
+        let len = len.min(left);
+        out.push(len);
+        left -= len;
+    }
+    out
+}
+
+/// The suite's mask of family `name` at length `seq` (square), scaled from the settings used
+/// at N = 16384: sliding window 1024 (N/16), document median 256 (N/64), Longformer band ±128
+/// (N/128) with 16 global tokens, BigBird band and 3 random blocks of 64 per query block, a
+/// complete 4-ary tree of depth 6 (padded with tokens that see only themselves), random
+/// 128-token blocks (N/128) with p = 0.1.
+pub fn family_mask(name: &str, seq: usize, seed: u64) -> Result<Mask> {
+    let unit = (seq / 128).max(1);
+    match name {
+        "causal" => Mask::causal(seq, seq),
+        "sliding-window" => Mask::sliding_window(seq, seq, (seq / 16).max(1), true),
+        "documents" => Mask::documents(&lognormal_lengths(seq, (seq / 64).max(1), seed), true),
+        "prefix-lm" => Mask::document_prefix_lm_fraction(
+            &lognormal_lengths(seq, (seq / 64).max(1), seed),
+            1.0 / 3.0,
+        ),
+        "longformer" => {
+            let global: Vec<usize> = (0..16.min(seq)).collect();
+            Mask::longformer(seq, unit, &global)
+        }
+        "bigbird" => Mask::bigbird(seq, unit, 16.min(seq), (seq / 256).max(1), 3, seed),
+        "tree" => {
+            let mut parents = complete_tree_parents(6, 4)?;
+            parents.truncate(seq);
+            // Tokens past the tree see only themselves (padding).
+            let tree_len = parents.len();
+            let tree = Mask::tree(&parents)?;
+            Mask::from_fn(seq, seq, |q, k| {
+                if q < tree_len && k < tree_len {
+                    tree.get(0, q, k)
+                } else {
+                    q == k
+                }
+            })
+        }
+        "random-blocks" => Mask::random_blocks(seq, seq, unit, 0.1, seed),
+        other => Err(crate::Error::InvalidArgument {
+            what: "mask family",
+            why: format!("{other:?} is not one of {FAMILIES:?}"),
+        }),
+    }
+}
+
+/// One measured case of the suite.
+#[derive(Clone, Debug)]
+pub struct CaseResult {
+    /// Mask family.
+    pub mask: String,
+    /// The problem shape.
+    pub shape: Shape,
+    /// Fraction of tiles (at the plan's tile shape) with any allowed pair.
+    pub active_tiles: f64,
+    /// The path the masked plan chose.
+    pub path: Path,
+    /// Tile shape of the masked plan.
+    pub tile: (usize, usize),
+    /// Median ms of the dense plan (no mask skipping: the mask applied element by element).
+    pub ms_dense: f64,
+    /// Median ms of the masked plan.
+    pub ms_masked: f64,
+    /// ms_dense / ms_masked.
+    pub speedup: f64,
+    /// 1 / active_tiles.
+    pub ideal_speedup: f64,
+    /// Useful TFLOP/s of the masked plan (FLOPs of the active tiles only).
+    pub tflops: f64,
+    /// Largest relative L2 error of sampled output rows against the f64 reference.
+    pub max_rel_error: f64,
+    /// ms to build the masked plan (block mask, choice, uploads, kernel compile).
+    pub ms_plan: f64,
+    /// How the times were measured.
+    pub clock: Clock,
+}
+
+/// Runs one case: the dense plan (mask applied element by element) and the masked plan on
+/// the same random inputs, timed, with the masked output checked on `samples` rows.
+pub fn run_case(
+    gpu: &Gpu,
+    name: &str,
+    shape: Shape,
+    mask: &Mask,
+    options: &PlanOptions,
+    repeats: usize,
+    samples: usize,
+    seed: u64,
+) -> Result<CaseResult> {
+    let mut rng = SplitMix64::new(seed);
+    let mut rand = |n: usize| -> Vec<f32> {
+        (0..n)
+            .map(|_| (rng.next_f64() * 2.0 - 1.0) as f32)
+            .collect()
+    };
+    let (q, k, v) = (
+        rand(shape.q_len()),
+        rand(shape.kv_len()),
+        rand(shape.kv_len()),
+    );
+    let t0 = Instant::now();
+    let masked = Plan::new(gpu, shape, Some(mask), options.clone())?;
+    let ms_plan = t0.elapsed().as_secs_f64() * 1e3;
+    let dense = Plan::new(
+        gpu,
+        shape,
+        Some(mask),
+        PlanOptions {
+            path: Some(Path::Dense),
+            ..options.clone()
+        },
+    )?;
+    let buffers = Resident::new(gpu, &masked, &q, &k, &v)?;
+    let warmup = 2;
+    let (ms_dense, _) = median_ms(gpu, &dense, &buffers, warmup, repeats)?;
+    let (ms_masked, clock) = median_ms(gpu, &masked, &buffers, warmup, repeats)?;
+    buffers.poison(gpu);
+    let out = buffers.run_and_read(gpu, &masked)?;
+    let max_rel_error = sampled_error(&shape, &q, &k, &v, Some(mask), options.scale, &out, samples);
+    let bm = masked.block_mask().expect("a masked plan has a block mask");
+    let active = bm.active_fraction();
+    Ok(CaseResult {
+        mask: name.to_string(),
+        shape,
+        active_tiles: active,
+        path: masked.path(),
+        tile: (bm.tile_rows(), bm.tile_cols()),
+        ms_dense,
+        ms_masked,
+        speedup: ms_dense / ms_masked,
+        ideal_speedup: 1.0 / active.max(1e-9),
+        tflops: shape.dense_flops() * active / (ms_masked * 1e-3) / 1e12,
+        max_rel_error,
+        ms_plan,
+        clock,
+    })
+}

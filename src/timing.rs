@@ -1,0 +1,163 @@
+//! Timing plans on the GPU: timestamp queries around each run where the adapter has them, wall
+//! clock around a completed submission otherwise. Medians after a warm-up.
+
+use std::time::Instant;
+
+use wgpu::util::DeviceExt;
+
+use crate::error::{Error, Result};
+use crate::gpu::Gpu;
+use crate::plan::{Plan, Tensors};
+
+/// GPU-resident inputs and outputs for a plan, uploaded once for repeated runs.
+pub struct Resident {
+    q: wgpu::Buffer,
+    k: wgpu::Buffer,
+    v: wgpu::Buffer,
+    o: wgpu::Buffer,
+    lse: wgpu::Buffer,
+}
+
+impl Resident {
+    /// Uploads Q, K, V and allocates O and LSE for `plan`'s shape.
+    pub fn new(gpu: &Gpu, plan: &Plan, q: &[f32], k: &[f32], v: &[f32]) -> Result<Resident> {
+        let s = plan.shape();
+        s.check_inputs(q.len(), k.len(), v.len())?;
+        let dev = gpu.device();
+        let up = |d: &[f32]| {
+            dev.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some("blockflash input"),
+                contents: bytemuck::cast_slice(d),
+                usage: wgpu::BufferUsages::STORAGE,
+            })
+        };
+        let out = |n: usize| {
+            dev.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("blockflash output"),
+                size: (n * 4) as u64,
+                usage: wgpu::BufferUsages::STORAGE
+                    | wgpu::BufferUsages::COPY_SRC
+                    | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            })
+        };
+        Ok(Resident {
+            q: up(q),
+            k: up(k),
+            v: up(v),
+            o: out(s.q_len()),
+            lse: out(s.lse_len()),
+        })
+    }
+
+    /// Fills O and LSE with NaN, so that elements a later run leaves unwritten show up.
+    pub fn poison(&self, gpu: &Gpu) {
+        for b in [&self.o, &self.lse] {
+            let nan = vec![f32::NAN; (b.size() / 4) as usize];
+            gpu.queue().write_buffer(b, 0, bytemuck::cast_slice(&nan));
+        }
+    }
+
+    /// Runs `plan` once on these buffers and reads O back.
+    pub fn run_and_read(&self, gpu: &Gpu, plan: &Plan) -> Result<Vec<f32>> {
+        let mut enc = gpu.device().create_command_encoder(&Default::default());
+        plan.encode(&mut enc, &self.tensors())?;
+        let n = (self.o.size() / 4) as usize;
+        let mut out = crate::readback::read_f32(gpu, enc, &[(&self.o, n)])?;
+        Ok(out.pop().unwrap_or_default())
+    }
+
+    /// The buffers as a plan's tensors.
+    pub fn tensors(&self) -> Tensors<'_> {
+        Tensors {
+            q: &self.q,
+            k: &self.k,
+            v: &self.v,
+            o: &self.o,
+            lse: &self.lse,
+        }
+    }
+}
+
+/// How a time was measured.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Clock {
+    /// GPU timestamp queries around the compute pass.
+    Timestamps,
+    /// Wall clock around a submission and its completion.
+    WallClock,
+}
+
+/// Runs `plan` `warmup + repeats` times on resident buffers; returns the median milliseconds
+/// of the last `repeats` runs and how they were measured.
+pub fn median_ms(
+    gpu: &Gpu,
+    plan: &Plan,
+    buffers: &Resident,
+    warmup: usize,
+    repeats: usize,
+) -> Result<(f64, Clock)> {
+    let dev = gpu.device();
+    let stamps = gpu.features().contains(wgpu::Features::TIMESTAMP_QUERY);
+    let query = stamps.then(|| {
+        dev.create_query_set(&wgpu::QuerySetDescriptor {
+            label: Some("blockflash timing"),
+            ty: wgpu::QueryType::Timestamp,
+            count: 2,
+        })
+    });
+    let resolve = dev.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("blockflash timestamps"),
+        size: 16,
+        usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+        mapped_at_creation: false,
+    });
+    let read = dev.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("blockflash timestamps readback"),
+        size: 16,
+        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    let period = gpu.queue().get_timestamp_period() as f64;
+    let mut times = Vec::with_capacity(repeats);
+    for i in 0..warmup + repeats {
+        let mut enc = dev.create_command_encoder(&Default::default());
+        plan.encode_timed(&mut enc, &buffers.tensors(), query.as_ref().map(|q| (q, 0)))?;
+        if let Some(q) = &query {
+            enc.resolve_query_set(q, 0..2, &resolve, 0);
+            enc.copy_buffer_to_buffer(&resolve, 0, &read, 0, 16);
+        }
+        let t0 = Instant::now();
+        gpu.queue().submit([enc.finish()]);
+        if query.is_some() {
+            read.slice(..).map_async(wgpu::MapMode::Read, |_| {});
+        }
+        dev.poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| Error::Device(format!("waiting for the GPU failed: {e}")))?;
+        let wall = t0.elapsed().as_secs_f64() * 1e3;
+        gpu.check_lost()?;
+        let ms = if query.is_some() {
+            let view = read
+                .slice(..)
+                .get_mapped_range()
+                .map_err(|e| Error::Device(e.to_string()))?;
+            let t: &[u64] = bytemuck::cast_slice(&view);
+            let ms = t[1].wrapping_sub(t[0]) as f64 * period / 1e6;
+            drop(view);
+            read.unmap();
+            ms
+        } else {
+            wall
+        };
+        if i >= warmup {
+            times.push(ms);
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    let clock = if stamps {
+        Clock::Timestamps
+    } else {
+        Clock::WallClock
+    };
+    Ok((times[times.len() / 2], clock))
+}

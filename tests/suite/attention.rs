@@ -1,0 +1,276 @@
+//! The dense kernel against the f64 reference: shapes, head dims, GQA, masks, edge cases, and
+//! the host and GPU-resident forms.
+
+use blockflash::{reference, Error, Gpu, Mask, Path, Plan, PlanOptions, Shape};
+
+use crate::common::{assert_close, check_case, gpu, inputs, rel_l2, run_poisoned, Rng};
+
+fn dense() -> PlanOptions {
+    PlanOptions {
+        path: Some(Path::Dense),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn dense_matches_reference_on_lengths_that_are_not_tile_multiples() {
+    let mut rng = Rng::fresh("lengths");
+    for (nq, nk) in [(1, 1), (17, 63), (63, 65), (65, 17), (200, 513), (513, 200)] {
+        let shape = Shape {
+            batch: 2,
+            heads: 2,
+            kv_heads: 1,
+            seq_q: nq,
+            seq_k: nk,
+            head_dim: 64,
+        };
+        check_case(&format!("Nq={nq} Nk={nk}"), &mut rng, shape, None, dense());
+    }
+}
+
+#[test]
+fn dense_matches_reference_on_every_head_dim() {
+    let mut rng = Rng::fresh("head dims");
+    for d in blockflash::shape::HEAD_DIMS {
+        let shape = Shape {
+            batch: 1,
+            heads: 2,
+            kv_heads: 2,
+            seq_q: 70,
+            seq_k: 97,
+            head_dim: d,
+        };
+        check_case(&format!("d={d}"), &mut rng, shape, None, dense());
+    }
+}
+
+#[test]
+fn dense_matches_reference_with_grouped_and_multi_query_heads() {
+    let mut rng = Rng::fresh("gqa");
+    for (h, hkv) in [(4, 4), (4, 2), (6, 1), (8, 2)] {
+        let shape = Shape {
+            batch: 2,
+            heads: h,
+            kv_heads: hkv,
+            seq_q: 40,
+            seq_k: 75,
+            head_dim: 32,
+        };
+        check_case(&format!("H={h} Hkv={hkv}"), &mut rng, shape, None, dense());
+    }
+}
+
+#[test]
+fn custom_scale_and_no_lse_output_are_honoured() {
+    let mut rng = Rng::fresh("scale");
+    let shape = Shape::new(1, 2, 50, 64);
+    let opts = PlanOptions {
+        scale: Some(0.37),
+        ..dense()
+    };
+    check_case("scale 0.37", &mut rng, shape, None, opts);
+    let (q, k, v) = inputs(&mut rng, &shape);
+    let plan = Plan::new(
+        gpu(),
+        shape,
+        None,
+        PlanOptions {
+            write_lse: false,
+            ..dense()
+        },
+    )
+    .unwrap();
+    let out = plan.run(&q, &k, &v).unwrap();
+    assert!(out.lse.is_empty());
+    let want = reference::attention(&shape, &q, &k, &v, None, None).unwrap();
+    assert!(rel_l2(&out.o, &want.o) <= 1e-5);
+}
+
+#[test]
+fn element_mask_on_dense_path_matches_reference_including_rows_with_no_allowed_key() {
+    let mut rng = Rng::fresh("dense mask");
+    let (nq, nk) = (77, 130);
+    let mut bits = Vec::with_capacity(nq * nk);
+    for q in 0..nq {
+        for _ in 0..nk {
+            // every fifth row has no allowed key
+            bits.push(q % 5 != 3 && rng.below(3) == 0);
+        }
+    }
+    let mask = Mask::from_bools(nq, nk, &bits).unwrap();
+    let shape = Shape {
+        batch: 2,
+        heads: 2,
+        kv_heads: 1,
+        seq_q: nq,
+        seq_k: nk,
+        head_dim: 32,
+    };
+    check_case("random element mask", &mut rng, shape, Some(&mask), dense());
+    let per_batch = Mask::per_batch(vec![mask.clone(), Mask::causal(nq, nk).unwrap()]).unwrap();
+    check_case("per-batch mask", &mut rng, shape, Some(&per_batch), dense());
+}
+
+#[test]
+fn host_form_equals_gpu_resident_form() {
+    let mut rng = Rng::fresh("host vs resident");
+    let shape = Shape {
+        batch: 2,
+        heads: 4,
+        kv_heads: 2,
+        seq_q: 90,
+        seq_k: 90,
+        head_dim: 64,
+    };
+    let mask = Mask::causal(90, 90).unwrap();
+    let (q, k, v) = inputs(&mut rng, &shape);
+    let plan = Plan::new(gpu(), shape, Some(&mask), PlanOptions::default()).unwrap();
+    let host = plan.run(&q, &k, &v).unwrap();
+    let resident = run_poisoned(&plan, &q, &k, &v);
+    assert_eq!(host.o, resident.o);
+    assert_eq!(host.lse, resident.lse);
+    let want = reference::attention(&shape, &q, &k, &v, Some(&mask), None).unwrap();
+    assert_close("host form", &host, &want, 1e-5);
+}
+
+#[test]
+fn inputs_over_the_binding_limit_are_split_over_batch_and_heads() {
+    // A device with a 64 KiB storage binding forces the host form to split the work.
+    let adapter = pollster::block_on(
+        wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env())
+            .request_adapter(&Default::default()),
+    )
+    .expect("adapter");
+    let limits = wgpu::Limits {
+        max_storage_buffer_binding_size: 64 << 10,
+        ..adapter.limits()
+    };
+    let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+        required_limits: limits,
+        ..Default::default()
+    }))
+    .expect("device");
+    let small = Gpu::from_device(device, queue, adapter.get_info(), Vec::new());
+    let mut rng = Rng::fresh("split");
+    for shape in [
+        Shape {
+            batch: 3,
+            heads: 4,
+            kv_heads: 2,
+            seq_q: 100,
+            seq_k: 60,
+            head_dim: 32,
+        },
+        // one batch element is over the limit: split over key/value heads
+        Shape {
+            batch: 2,
+            heads: 8,
+            kv_heads: 4,
+            seq_q: 150,
+            seq_k: 120,
+            head_dim: 64,
+        },
+    ] {
+        let (q, k, v) = inputs(&mut rng, &shape);
+        let mask = Mask::causal(shape.seq_q, shape.seq_k).unwrap();
+        let plan = Plan::new(&small, shape, Some(&mask), PlanOptions::default()).unwrap();
+        let out = plan.run(&q, &k, &v).unwrap();
+        let want = reference::attention(&shape, &q, &k, &v, Some(&mask), None).unwrap();
+        assert_close("split", &out, &want, 1e-5);
+        // The GPU-resident form cannot split caller buffers: it names the limit.
+        let dev = small.device();
+        let buf = dev.create_buffer(&wgpu::BufferDescriptor {
+            label: None,
+            size: 16,
+            usage: wgpu::BufferUsages::STORAGE,
+            mapped_at_creation: false,
+        });
+        let mut enc = dev.create_command_encoder(&Default::default());
+        let t = blockflash::Tensors {
+            q: &buf,
+            k: &buf,
+            v: &buf,
+            o: &buf,
+            lse: &buf,
+        };
+        match plan.encode(&mut enc, &t) {
+            Err(Error::TooLarge { limit_name, .. }) => {
+                assert_eq!(limit_name, "max_storage_buffer_binding_size")
+            }
+            other => panic!("expected TooLarge, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn bad_inputs_give_typed_errors() {
+    let g = gpu();
+    let ok = Shape::new(1, 2, 16, 32);
+    let plan = Plan::new(g, ok, None, PlanOptions::default()).unwrap();
+    let n = ok.q_len();
+    assert!(matches!(
+        plan.run(&vec![0.5; n - 1], &vec![0.5; n], &vec![0.5; n]),
+        Err(Error::ShapeMismatch { what: "q", .. })
+    ));
+    let gqa = Shape {
+        kv_heads: 3,
+        ..Shape::new(1, 4, 16, 32)
+    };
+    assert!(matches!(
+        Plan::new(g, gqa, None, PlanOptions::default()),
+        Err(Error::HeadsNotDivisible {
+            heads: 4,
+            kv_heads: 3
+        })
+    ));
+    assert!(matches!(
+        Plan::new(g, Shape::new(1, 2, 16, 48), None, PlanOptions::default()),
+        Err(Error::UnsupportedHeadDim(48))
+    ));
+    assert!(matches!(
+        Plan::new(g, Shape::new(1, 2, 0, 32), None, PlanOptions::default()),
+        Err(Error::Empty("seq_q"))
+    ));
+    let wrong = Mask::causal(16, 17).unwrap();
+    assert!(matches!(
+        Plan::new(g, ok, Some(&wrong), PlanOptions::default()),
+        Err(Error::ShapeMismatch { what: "mask", .. })
+    ));
+    let wrong_batch = Mask::per_batch(vec![Mask::causal(16, 16).unwrap(); 3]).unwrap();
+    assert!(matches!(
+        Plan::new(g, ok, Some(&wrong_batch), PlanOptions::default()),
+        Err(Error::ShapeMismatch { what: "mask", .. })
+    ));
+    assert!(matches!(
+        reference::attention(&ok, &[1.0], &[1.0], &[1.0], None, None),
+        Err(Error::ShapeMismatch { .. })
+    ));
+}
+
+#[test]
+fn nan_and_inf_inputs_propagate_without_crashing() {
+    // Documented behaviour: a NaN or Inf in Q, K or V makes the affected outputs NaN or Inf
+    // (as the reference does); other rows stay correct and nothing crashes.
+    let mut rng = Rng::fresh("nan");
+    let shape = Shape::new(1, 1, 40, 32);
+    let (mut q, k, mut v) = inputs(&mut rng, &shape);
+    q[5 * 32 + 3] = f32::NAN; // row 5 of Q
+    v[7 * 32] = f32::INFINITY; // key 7 of V, column 0
+    let plan = Plan::new(gpu(), shape, None, PlanOptions::default()).unwrap();
+    let out = run_poisoned(&plan, &q, &k, &v);
+    let want = reference::attention(&shape, &q, &k, &v, None, None).unwrap();
+    assert!(
+        out.o[5 * 32..6 * 32].iter().any(|x| !x.is_finite()),
+        "row 5"
+    );
+    for row in 0..40 {
+        for c in 0..32 {
+            let (g, w) = (out.o[row * 32 + c], want.o[row * 32 + c]);
+            if w.is_finite() {
+                assert!((g as f64 - w).abs() < 1e-4, "row {row} col {c}: {g} vs {w}");
+            } else {
+                assert!(!g.is_finite(), "row {row} col {c}: {g} vs {w}");
+            }
+        }
+    }
+}

@@ -1,0 +1,180 @@
+//! Shared test helpers: a seeded generator, the one GPU of the test run, poisoned runs through
+//! the GPU-resident form, and comparisons against the f64 reference.
+
+use std::sync::OnceLock;
+
+use blockflash::{reference, Gpu, Mask, Output, Plan, Shape, Tensors};
+use wgpu::util::DeviceExt;
+
+/// splitmix64: small, seedable, good enough for test data.
+pub struct Rng(u64);
+
+impl Rng {
+    /// A generator seeded from `BLOCKFLASH_SEED` or the clock; prints the seed with `what`.
+    pub fn fresh(what: &str) -> Rng {
+        let seed = std::env::var("BLOCKFLASH_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos() as u64)
+                    .unwrap_or(1)
+            });
+        println!("{what}: seed {seed} (BLOCKFLASH_SEED={seed} reproduces it)");
+        Rng(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [-1, 1).
+    pub fn unit(&mut self) -> f32 {
+        ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+
+    pub fn vec(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| self.unit()).collect()
+    }
+}
+
+/// The GPU every test shares (lavapipe in CI). Fails the test when there is no adapter.
+pub fn gpu() -> &'static Gpu {
+    static GPU: OnceLock<Gpu> = OnceLock::new();
+    GPU.get_or_init(|| {
+        let gpu = Gpu::new().unwrap_or_else(|e| panic!("tests need a GPU adapter: {e}"));
+        println!("adapter: {}", gpu.adapter_info().name);
+        gpu
+    })
+}
+
+/// Random Q, K, V for `shape`.
+pub fn inputs(rng: &mut Rng, shape: &Shape) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    (
+        rng.vec(shape.q_len()),
+        rng.vec(shape.kv_len()),
+        rng.vec(shape.kv_len()),
+    )
+}
+
+fn poisoned(gpu: &Gpu, len: usize) -> wgpu::Buffer {
+    gpu.device()
+        .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some("poisoned output"),
+            contents: bytemuck::cast_slice(&vec![f32::NAN; len.max(1)]),
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+        })
+}
+
+/// Runs `plan` through the GPU-resident form with NaN-poisoned outputs and reads O and LSE back.
+pub fn run_poisoned(plan: &Plan, q: &[f32], k: &[f32], v: &[f32]) -> Output<f32> {
+    let gpu = gpu();
+    let s = plan.shape();
+    let dev = gpu.device();
+    let up = |d: &[f32]| {
+        dev.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: None,
+            contents: bytemuck::cast_slice(d),
+            usage: wgpu::BufferUsages::STORAGE,
+        })
+    };
+    let (qb, kb, vb) = (up(q), up(k), up(v));
+    let (ob, lb) = (poisoned(gpu, s.q_len()), poisoned(gpu, s.lse_len()));
+    let mut enc = dev.create_command_encoder(&Default::default());
+    plan.encode(
+        &mut enc,
+        &Tensors {
+            q: &qb,
+            k: &kb,
+            v: &vb,
+            o: &ob,
+            lse: &lb,
+        },
+    )
+    .expect("encode");
+    let read = |buf: &wgpu::Buffer, len: usize, enc: &mut wgpu::CommandEncoder| {
+        let st = dev.create_buffer(&wgpu::BufferDescriptor {
+            label: None,
+            size: (len * 4) as u64,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        enc.copy_buffer_to_buffer(buf, 0, &st, 0, (len * 4) as u64);
+        st
+    };
+    let so = read(&ob, s.q_len(), &mut enc);
+    let sl = read(&lb, s.lse_len(), &mut enc);
+    gpu.queue().submit([enc.finish()]);
+    for st in [&so, &sl] {
+        st.slice(..)
+            .map_async(wgpu::MapMode::Read, |r| r.expect("map"));
+    }
+    dev.poll(wgpu::PollType::wait_indefinitely()).expect("poll");
+    let get = |st: &wgpu::Buffer| -> Vec<f32> {
+        let v = bytemuck::cast_slice(&st.slice(..).get_mapped_range().expect("view")).to_vec();
+        st.unmap();
+        v
+    };
+    Output {
+        o: get(&so),
+        lse: get(&sl),
+    }
+}
+
+/// Relative L2 error of `got` against `want` (NaN if any element is NaN).
+pub fn rel_l2(got: &[f32], want: &[f64]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for (&g, &w) in got.iter().zip(want) {
+        num += (g as f64 - w).powi(2);
+        den += w * w;
+    }
+    (num / den.max(1e-30)).sqrt()
+}
+
+/// Checks a GPU output against the f64 reference: O by relative L2 error, LSE element by
+/// element (−∞ exactly where the reference has it).
+pub fn assert_close(what: &str, got: &Output<f32>, want: &Output<f64>, tol: f64) {
+    let err = rel_l2(&got.o, &want.o);
+    assert!(
+        err <= tol,
+        "{what}: O relative L2 error {err:e} exceeds {tol:e}"
+    );
+    if got.lse.is_empty() {
+        return;
+    }
+    for (i, (&g, &w)) in got.lse.iter().zip(&want.lse).enumerate() {
+        if w == f64::NEG_INFINITY {
+            assert!(g == f32::NEG_INFINITY, "{what}: LSE[{i}] = {g}, want -inf");
+        } else {
+            let e = (g as f64 - w).abs() / w.abs().max(1.0);
+            assert!(e <= tol * 10.0, "{what}: LSE[{i}] = {g}, want {w}");
+        }
+    }
+}
+
+/// Plans, runs (poisoned) and checks one case against the reference; returns the plan's path.
+pub fn check_case(
+    what: &str,
+    rng: &mut Rng,
+    shape: Shape,
+    mask: Option<&Mask>,
+    opts: blockflash::PlanOptions,
+) -> blockflash::Path {
+    let (q, k, v) = inputs(rng, &shape);
+    let plan = Plan::new(gpu(), shape, mask, opts.clone())
+        .unwrap_or_else(|e| panic!("{what}: plan failed: {e}"));
+    let got = run_poisoned(&plan, &q, &k, &v);
+    let want = reference::attention(&shape, &q, &k, &v, mask, opts.scale).expect("reference");
+    assert_close(&format!("{what} ({})", plan.path()), &got, &want, 1e-5);
+    plan.path()
+}

@@ -1,0 +1,3 @@
+mod attention;
+mod common;
+mod masks;
