@@ -239,10 +239,21 @@ impl PipelineCache {
         let module = c
             .module
             .get_or_insert_with(|| {
-                device.create_shader_module(wgpu::ShaderModuleDescriptor {
-                    label: Some("blockflash attention"),
-                    source: wgpu::ShaderSource::Wgsl(ATTENTION_WGSL.into()),
-                })
+                // SAFETY: every loop of the kernel has a finite trip count (bounds come from
+                // override constants and block-mask tables the host built), so wgpu's loop
+                // bounding only blocks the driver from unrolling; bounds checks stay on.
+                unsafe {
+                    device.create_shader_module_trusted(
+                        wgpu::ShaderModuleDescriptor {
+                            label: Some("blockflash attention"),
+                            source: wgpu::ShaderSource::Wgsl(ATTENTION_WGSL.into()),
+                        },
+                        wgpu::ShaderRuntimeChecks {
+                            force_loop_bounding: false,
+                            ..wgpu::ShaderRuntimeChecks::checked()
+                        },
+                    )
+                }
             })
             .clone();
         let (bgl, layout) = c
