@@ -73,7 +73,7 @@ pub(crate) fn check_tiles(tile_rows: usize, tile_cols: usize) -> Result<()> {
             why: "must be at least 1".into(),
         });
     }
-    if tile_cols == 0 || tile_cols % 32 != 0 {
+    if tile_cols == 0 || !tile_cols.is_multiple_of(32) {
         return Err(Error::InvalidArgument {
             what: "tile columns",
             why: format!("{tile_cols} is not a positive multiple of 32"),

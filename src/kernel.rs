@@ -143,7 +143,7 @@ impl KernelConfig {
                         tx,
                         ty,
                     };
-                    (head_dim % div == 0 && c.valid(limits)).then_some(c)
+                    (head_dim.is_multiple_of(div) && c.valid(limits)).then_some(c)
                 })
             })
             .collect()

@@ -881,8 +881,8 @@ impl MaskSpec {
 
     /// The block mask of this spec for `tile_rows × tile_cols` tiles, equal to
     /// `BlockMask::new(&self.mask()?, tile_rows, tile_cols)`. Generators whose rows are a few key
-    /// intervals (all but [`MaskSpec::Random`] and trees deeper than 64) build it from the intervals
-    /// without materialising the mask.
+    /// intervals (all but [`MaskSpec::Random`], dilated windows with `dilation > 1` and trees deeper
+    /// than 64) build it from the intervals without materialising the mask.
     pub fn block_mask(&self, tile_rows: usize, tile_cols: usize) -> Result<BlockMask> {
         check_tiles(tile_rows, tile_cols)?;
         match self.prepare()? {
@@ -937,33 +937,36 @@ impl MaskSpec {
             } => {
                 check_nonzero("window", window)?;
                 check_nonzero("dilation", dilation)?;
-                let (w, dil) = (window as i64, dilation as i64);
-                let span = w.saturating_mul(dil);
-                rows(
-                    seq,
-                    seq,
-                    Box::new(move |q, out| {
-                        let q = q as i64;
-                        if dil == 1 {
+                if dilation == 1 {
+                    let w = window as i64;
+                    return rows(
+                        seq,
+                        seq,
+                        Box::new(move |q, out| {
+                            let q = q as i64;
                             let hi = if causal { q + 1 } else { q + w };
                             out.push(clipped(q - w + 1, hi, seq));
-                            return;
-                        }
-                        // Keys q - j*dil for j in 0..window (and q + j*dil when symmetric).
-                        let lo = (q - span + 1).max(0);
-                        let first = q - (q - lo) / dil * dil;
-                        let hi = if causal {
-                            q + 1
-                        } else {
-                            (q + span).min(seq as i64)
-                        };
-                        out.extend(
-                            (first..hi)
-                                .step_by(dilation)
-                                .map(|k| k as usize..k as usize + 1),
-                        );
-                    }),
-                )
+                        }),
+                    );
+                }
+                // A row is `window` (or 2 * window - 1) single keys: as intervals that would cost
+                // O(N · window) in the block-mask builder, so set the bits directly instead.
+                let wpr = mask_geometry(seq, seq)?;
+                let span = window.saturating_mul(dilation);
+                let mut bits = vec![0u32; seq * wpr];
+                for (q, row) in bits.chunks_exact_mut(wpr).enumerate() {
+                    let lo = q.saturating_sub(span - 1);
+                    let first = q - (q - lo) / dilation * dilation;
+                    let hi = if causal {
+                        q + 1
+                    } else {
+                        q.saturating_add(span).min(seq)
+                    };
+                    for k in (first..hi).step_by(dilation) {
+                        row[k / 32] |= 1 << (k % 32);
+                    }
+                }
+                Ok(Prepared::Bits(Mask::shared(seq, seq, bits)))
             }
             MaskSpec::Documents {
                 ref lengths,

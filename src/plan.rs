@@ -271,13 +271,14 @@ impl Plan {
                     true
                 }
                 Reorder::Auto => {
+                    // Scattered: far more active tiles than the allowed pairs would fill.
                     let c = &candidates[0];
+                    let density = m.count_allowed(0) as f64 / (m.seq_q() * m.seq_k()) as f64;
                     square
                         && forced_block.is_none()
                         && options.path != Some(Path::RunLength)
-                        && BlockMask::new(m, c.tile_rows, c.tile_cols)?
-                            .runs()
-                            .is_none()
+                        && BlockMask::new(m, c.tile_rows, c.tile_cols)?.active_fraction()
+                            > 4.0 * density
                 }
             };
             if want {

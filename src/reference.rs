@@ -70,10 +70,14 @@ pub fn attention_row(
             Some(dot * scale as f64)
         })
         .collect();
-    let m = scores
-        .iter()
-        .flatten()
-        .fold(f64::NEG_INFINITY, |a, &s| a.max(s));
+    // f64::max drops NaN; the reference propagates it, as the kernels do.
+    let m = scores.iter().flatten().fold(f64::NEG_INFINITY, |a, &s| {
+        if s.is_nan() || a.is_nan() {
+            f64::NAN
+        } else {
+            a.max(s)
+        }
+    });
     let mut out = vec![0.0f64; d];
     if m == f64::NEG_INFINITY {
         return (out, f64::NEG_INFINITY);

@@ -51,7 +51,7 @@ impl Shape {
         if let Some((what, _)) = dims.iter().find(|(_, n)| *n == 0) {
             return Err(Error::Empty(what));
         }
-        if self.heads % self.kv_heads != 0 {
+        if !self.heads.is_multiple_of(self.kv_heads) {
             return Err(Error::HeadsNotDivisible {
                 heads: self.heads,
                 kv_heads: self.kv_heads,

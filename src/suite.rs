@@ -98,7 +98,7 @@ pub struct CaseResult {
     pub path: Path,
     /// Tile shape of the masked plan.
     pub tile: (usize, usize),
-    /// Median ms of the dense plan (no mask skipping: the mask applied element by element).
+    /// Median ms of the dense plan on the same inputs: every tile computed, no mask read.
     pub ms_dense: f64,
     /// Median ms of the masked plan.
     pub ms_masked: f64,
@@ -116,18 +116,32 @@ pub struct CaseResult {
     pub clock: Clock,
 }
 
-/// Runs one case: the dense plan (mask applied element by element) and the masked plan on
-/// the same random inputs, timed, with the masked output checked on `samples` rows.
+/// How a case is measured.
+#[derive(Clone, Copy, Debug)]
+pub struct Measure {
+    /// Timed runs after a warm-up of two (the median is reported).
+    pub repeats: usize,
+    /// Output rows checked against the f64 reference.
+    pub samples: usize,
+    /// Seed of the random inputs.
+    pub seed: u64,
+}
+
+/// Runs one case: the dense plan (every tile, no mask) and the masked plan on the same random
+/// inputs, timed, with the masked output checked on `samples` rows.
 pub fn run_case(
     gpu: &Gpu,
     name: &str,
     shape: Shape,
     mask: &Mask,
     options: &PlanOptions,
-    repeats: usize,
-    samples: usize,
-    seed: u64,
+    measure: Measure,
 ) -> Result<CaseResult> {
+    let Measure {
+        repeats,
+        samples,
+        seed,
+    } = measure;
     let mut rng = SplitMix64::new(seed);
     let mut rand = |n: usize| -> Vec<f32> {
         (0..n)
@@ -142,10 +156,11 @@ pub fn run_case(
     let t0 = Instant::now();
     let masked = Plan::new(gpu, shape, Some(mask), options.clone())?;
     let ms_plan = t0.elapsed().as_secs_f64() * 1e3;
+    // The baseline computes every tile and reads no mask: what FlashAttention does.
     let dense = Plan::new(
         gpu,
         shape,
-        Some(mask),
+        None,
         PlanOptions {
             path: Some(Path::Dense),
             ..options.clone()

@@ -166,7 +166,7 @@ fn inputs_over_the_binding_limit_are_split_over_batch_and_heads() {
             batch: 2,
             heads: 8,
             kv_heads: 4,
-            seq_q: 150,
+            seq_q: 100,
             seq_k: 120,
             head_dim: 64,
         },

@@ -1,3 +1,4 @@
 mod attention;
 mod common;
 mod masks;
+mod paths;

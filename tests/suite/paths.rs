@@ -1,0 +1,234 @@
+//! Every dispatch path (dense with an element mask, run-length, sparse list) against the f64
+//! reference on every mask family and on the awkward cases of tile skipping.
+
+use blockflash::suite::{family_mask, FAMILIES};
+use blockflash::{reference, Error, Mask, Path, Plan, PlanOptions, Reorder, Shape};
+
+use crate::common::{assert_close, check_case, gpu, inputs, run_poisoned, Rng};
+
+fn forced(path: Path, tile: Option<(usize, usize)>) -> PlanOptions {
+    PlanOptions {
+        path: Some(path),
+        tile,
+        reorder: Reorder::Off,
+        ..Default::default()
+    }
+}
+
+/// Runs `mask` on every path it is eligible for, at two tile shapes, plus the automatic plan.
+fn every_path(what: &str, rng: &mut Rng, shape: Shape, mask: &Mask) {
+    for tile in [(16, 32), (32, 64)] {
+        for path in [Path::Dense, Path::RunLength, Path::Sparse] {
+            let opts = forced(path, Some(tile));
+            match Plan::new(gpu(), shape, Some(mask), opts.clone()) {
+                Err(Error::PathNotEligible(_)) => assert_eq!(path, Path::RunLength),
+                Err(Error::InvalidArgument { what: "tile", .. }) => {} // tile not on adapter
+                Err(e) => panic!("{what}: {e}"),
+                Ok(_) => {
+                    check_case(
+                        &format!("{what} {path} {tile:?}"),
+                        rng,
+                        shape,
+                        Some(mask),
+                        opts,
+                    );
+                }
+            }
+        }
+    }
+    check_case(
+        &format!("{what} auto"),
+        rng,
+        shape,
+        Some(mask),
+        PlanOptions::default(),
+    );
+}
+
+#[test]
+fn every_path_matches_reference_on_every_mask_family() {
+    let mut rng = Rng::fresh("families");
+    for name in FAMILIES {
+        let seq = 300; // not a multiple of any tile
+        let mask = family_mask(name, seq, rng.next_u64()).unwrap();
+        let shape = Shape {
+            batch: 1,
+            heads: 2,
+            kv_heads: 1,
+            seq_q: seq,
+            seq_k: seq,
+            head_dim: 32,
+        };
+        every_path(name, &mut rng, shape, &mask);
+    }
+}
+
+#[test]
+fn every_path_matches_reference_on_rectangular_masks_with_gqa() {
+    let mut rng = Rng::fresh("rectangular");
+    for (nq, nk) in [(70, 333), (333, 70), (1, 129)] {
+        let shape = Shape {
+            batch: 2,
+            heads: 4,
+            kv_heads: 2,
+            seq_q: nq,
+            seq_k: nk,
+            head_dim: 64,
+        };
+        let causal = Mask::causal(nq, nk).unwrap(); // decoding-style, rows may see nothing
+        every_path(&format!("causal {nq}x{nk}"), &mut rng, shape, &causal);
+        let window = Mask::sliding_window(nq, nk, 40, false).unwrap();
+        every_path(&format!("window {nq}x{nk}"), &mut rng, shape, &window);
+    }
+}
+
+#[test]
+fn edge_masks_all_empty_single_pair_and_two_full_runs() {
+    let mut rng = Rng::fresh("edge masks");
+    let n = 130;
+    let shape = Shape::new(1, 2, n, 32);
+    let empty = Mask::empty(n, n).unwrap();
+    every_path("all empty", &mut rng, shape, &empty);
+    let single = Mask::from_fn(n, n, |q, k| k == (q * 7) % n).unwrap();
+    every_path("single pair per row", &mut rng, shape, &single);
+    // Each row sees keys [0, 64) and [96, 130): two separate runs of full tiles at 32 columns.
+    let two_runs = Mask::from_fn(n, n, |_, k| !(64..96).contains(&k)).unwrap();
+    every_path("two full runs", &mut rng, shape, &two_runs);
+    // Rows with no allowed key in the middle of otherwise busy tiles.
+    let holes = Mask::from_fn(n, n, |q, k| q % 9 != 4 && (q + k) % 3 != 0).unwrap();
+    every_path("empty rows", &mut rng, shape, &holes);
+}
+
+#[test]
+fn per_batch_masks_run_on_every_path() {
+    let mut rng = Rng::fresh("per batch");
+    let n = 200;
+    let masks = vec![
+        family_mask("documents", n, 3).unwrap(),
+        family_mask("tree", n, 3).unwrap(),
+        Mask::causal(n, n).unwrap(),
+    ];
+    let mask = Mask::per_batch(masks).unwrap();
+    let shape = Shape {
+        batch: 3,
+        heads: 2,
+        kv_heads: 2,
+        seq_q: n,
+        seq_k: n,
+        head_dim: 64,
+    };
+    every_path("per-batch", &mut rng, shape, &mask);
+}
+
+#[test]
+fn rcm_reordering_returns_attention_in_the_original_order() {
+    let mut rng = Rng::fresh("rcm");
+    let n = 256;
+    // A band whose tokens were shuffled: scattered, and RCM can pack it again.
+    let mut perm: Vec<usize> = (0..n).collect();
+    for i in (1..n).rev() {
+        perm.swap(i, rng.below(i + 1));
+    }
+    let mask = Mask::from_fn(n, n, |q, k| perm[q].abs_diff(perm[k]) <= 6).unwrap();
+    let shape = Shape::new(2, 2, n, 32);
+    for reorder in [Reorder::Off, Reorder::On, Reorder::Auto] {
+        for path in [None, Some(Path::Sparse), Some(Path::Dense)] {
+            let opts = PlanOptions {
+                reorder,
+                path,
+                ..Default::default()
+            };
+            let plan = Plan::new(gpu(), shape, Some(&mask), opts.clone()).unwrap();
+            if reorder == Reorder::On {
+                assert!(plan.describe().contains("reordered"), "{}", plan.describe());
+            }
+            check_case(
+                &format!("rcm {reorder:?} {path:?}"),
+                &mut rng,
+                shape,
+                Some(&mask),
+                opts,
+            );
+        }
+    }
+    let plan = Plan::new(gpu(), shape, Some(&mask), PlanOptions::default()).unwrap();
+    assert!(
+        plan.describe().contains("reordered"),
+        "auto should reorder a shuffled band:\n{}",
+        plan.describe()
+    );
+}
+
+#[test]
+fn paths_agree_with_each_other_bit_for_bit_on_full_tiles() {
+    // Full tiles skip the mask; on a mask where every active tile is full the run-length and
+    // sparse paths do the same arithmetic and must give identical outputs.
+    let mut rng = Rng::fresh("agree");
+    let n = 256;
+    let mask = Mask::from_fn(n, n, |q, k| q / 64 == k / 64).unwrap();
+    let shape = Shape::new(1, 2, n, 64);
+    let (q, k, v) = inputs(&mut rng, &shape);
+    let run = |path| {
+        let plan = Plan::new(gpu(), shape, Some(&mask), forced(path, Some((32, 64)))).unwrap();
+        run_poisoned(&plan, &q, &k, &v)
+    };
+    let (a, b) = (run(Path::RunLength), run(Path::Sparse));
+    assert_eq!(a.o, b.o);
+    let want = reference::attention(&shape, &q, &k, &v, Some(&mask), None).unwrap();
+    assert_close("block diagonal", &a, &want, 1e-5);
+}
+
+#[test]
+fn plan_rejects_wrong_shapes_and_ineligible_forced_paths() {
+    let n = 100;
+    let shape = Shape::new(1, 2, n, 32);
+    let two_runs = Mask::from_fn(n, n, |_, k| !(32..64).contains(&k)).unwrap();
+    assert!(matches!(
+        Plan::new(
+            gpu(),
+            shape,
+            Some(&two_runs),
+            forced(Path::RunLength, Some((16, 32)))
+        ),
+        Err(Error::PathNotEligible(_))
+    ));
+    assert!(matches!(
+        Plan::new(gpu(), shape, None, forced(Path::Sparse, None)),
+        Err(Error::PathNotEligible(_))
+    ));
+    let plan = Plan::new(
+        gpu(),
+        shape,
+        Some(&Mask::causal(n, n).unwrap()),
+        PlanOptions::default(),
+    )
+    .unwrap();
+    let other = Shape::new(1, 2, n + 1, 32);
+    let mut rng = Rng::fresh("wrong shape");
+    let (q, k, v) = inputs(&mut rng, &other);
+    assert!(matches!(
+        plan.run(&q, &k, &v),
+        Err(Error::ShapeMismatch { what: "q", .. })
+    ));
+    assert!(matches!(
+        Plan::new(
+            gpu(),
+            shape,
+            Some(&Mask::causal(n, n + 1).unwrap()),
+            PlanOptions::default()
+        ),
+        Err(Error::ShapeMismatch { what: "mask", .. })
+    ));
+    assert!(matches!(
+        Plan::new(
+            gpu(),
+            shape,
+            Some(&Mask::causal(n, n).unwrap()),
+            PlanOptions {
+                tile: Some((24, 32)),
+                ..Default::default()
+            }
+        ),
+        Err(Error::InvalidArgument { what: "tile", .. })
+    ));
+}
