@@ -6,6 +6,9 @@
 //   1 run-length: key tiles [begin, end), the full ones [full_begin, full_end), the rest partial
 //   2 sparse:     a CSR list of key tiles, full ones first, then partial ones
 // Full tiles read no mask; partial tiles read their bit slot (BR rows x BC/32 words).
+// A work item may cover only part of its query tile's walk (split-KV for heavy query tiles): it
+// then writes its normalised partial output and log-sum-exp to `scratch`, and the `merge` entry
+// point combines the parts of each query tile by log-sum-exp.
 //
 // Thread layout: WG = TY x TX threads. Thread (ty, tx) owns query rows ty + TY*i (i < TM) and, for
 // the scores, key columns tx + TX*j (j < BC/TX); for the output, head-dim columns tx + TX*o.
@@ -41,6 +44,10 @@ struct Params {
     neg_inf_bits: u32,      // bits of -inf, written as the LSE of rows with no allowed key
     k_tiles: u32,
     perm_off: u32,          // index buffer: offset of the token permutation (PERMUTED)
+    merge_off: u32,         // index buffer: offset of the merge items (4 u32 each)
+    scratch_lse_off: u32,   // scratch: offset of the partial log-sum-exps (after partial O)
+    _pad0: u32,
+    _pad1: u32,
 }
 
 @group(0) @binding(0) var<uniform> P: Params;
@@ -49,10 +56,13 @@ struct Params {
 @group(0) @binding(3) var<storage, read> v_buf: array<vec4<f32>>;
 @group(0) @binding(4) var<storage, read_write> o_buf: array<f32>;
 @group(0) @binding(5) var<storage, read_write> lse_buf: array<f32>;
-// Work items (4 u32 each: query tile, block-mask row, batch base, unused), then the per-row
-// table at rows_off and the key-tile list at cols_off.
+// Work items (8 u32 each: query tile, block-mask row, batch base, split slot or NO_SPLIT,
+// first and end position within the walk, 2 unused), then the per-row table at rows_off, the
+// key-tile list at cols_off, the permutation at perm_off and the merge items at merge_off.
 @group(0) @binding(6) var<storage, read> index_buf: array<u32>;
 @group(0) @binding(7) var<storage, read> bits_buf: array<u32>;
+// Partial results of split work items: O parts [slot][z][head][BR][D], then LSE parts.
+@group(0) @binding(8) var<storage, read_write> scratch: array<f32>;
 
 var<workgroup> q_tile: array<vec4<f32>, BR * D / 4u>;
 var<workgroup> kv_tile: array<f32, BC * (DC + 4u)>;   // padded rows against bank conflicts
@@ -60,6 +70,10 @@ var<workgroup> p_tile: array<f32, BR * BC>;
 var<workgroup> red_m: array<f32, BR * TX>;
 var<workgroup> red_l: array<f32, BR * TX>;
 var<workgroup> walk: vec4<u32>;   // first position, end position, path-specific a, b
+var<workgroup> span: vec2<u32>;   // the positions this work item covers
+
+const NO_SPLIT: u32 = 0xffffffffu;
+const LN2: f32 = 0.6931471805599453;
 
 const KV_STRIDE_EXTRA: u32 = 4u;
 
@@ -114,6 +128,7 @@ fn allowed(state: u32, slot: u32, row_in_tile: u32, qrow: u32, key: u32, b: u32)
 @compute @workgroup_size(TX * TY)
 fn main(
     @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
     let TM = BR / TY;
@@ -122,10 +137,11 @@ fn main(
     let tx = lid % TX;
     let ty = lid / TX;
 
-    let item = wg.x * 4u;
+    let item = wg.x * 8u;
     let qt = index_buf[item];
     let row = index_buf[item + 1u];
     let b = index_buf[item + 2u] + wg.z;
+    let split = index_buf[item + 3u];
     let h = wg.y;
     let hk = h / P.group;
     let q0 = qt * BR;
@@ -138,8 +154,11 @@ fn main(
             let r = P.rows_off + row * 8u;
             walk = vec4<u32>(index_buf[r], index_buf[r + 1u], index_buf[r + 2u], index_buf[r + 3u]);
         }
+        let len = walk.y - walk.x;
+        span = walk.x + vec2<u32>(min(index_buf[item + 4u], len), min(index_buf[item + 5u], len));
     }
     let w = workgroupUniformLoad(&walk);
+    let sp = workgroupUniformLoad(&span);
     var partial_base = 0u;
     if (PATH != 0u) {
         partial_base = index_buf[P.rows_off + row * 8u + 4u];
@@ -170,7 +189,7 @@ fn main(
     let kv_head = (b * (P.heads / P.group) + hk) * P.seq_k * (D / 4u);
     var s: array<f32, S_CAP>;
 
-    for (var pos = w.x; pos < w.y; pos++) {
+    for (var pos = sp.x; pos < sp.y; pos++) {
         // Which key tile, and its state: 1 partial (slot), 2 full, 3 element-masked dense.
         var kt = pos;
         var state = 2u;
@@ -292,14 +311,26 @@ fn main(
         }
     }
 
-    // Normalise and store; rows with no allowed key give O = 0 and LSE = -inf.
+    // Normalise and store; rows with no allowed key give O = 0 and LSE = -inf. A split item
+    // stores its part (normalised O, log2-domain LSE or NEG) for the merge.
     for (var i = 0u; i < TM; i++) {
-        let qrow = q0 + ty + TY * i;
+        let r = ty + TY * i;
+        let qrow = q0 + r;
         if (qrow >= P.seq_q) {
             continue;
         }
         let l = l_i[i];
         let inv = select(0.0, 1.0 / l, l > 0.0);
+        if (split != NO_SPLIT) {
+            let part = ((split * nwg.z + wg.z) * P.heads + h) * BR + r;
+            for (var o = 0u; o < ON; o++) {
+                scratch[part * D + tx + TX * o] = acc[i * ON + o] * inv;
+            }
+            if (tx == 0u) {
+                scratch[P.scratch_lse_off + part] = select(NEG, m_i[i] + log2(l), l > 0.0);
+            }
+            continue;
+        }
         let out_row = (b * P.heads + h) * P.seq_q + token(qrow);
         let o_row = out_row * D;
         for (var o = 0u; o < ON; o++) {
@@ -308,7 +339,55 @@ fn main(
         if (WRITE_LSE && tx == 0u) {
             var lse = bitcast<f32>(P.neg_inf_bits);
             if (l > 0.0) {
-                lse = (m_i[i] + log2(l)) * 0.6931471805599453;
+                lse = (m_i[i] + log2(l)) * LN2;
+            }
+            lse_buf[out_row] = lse;
+        }
+    }
+}
+
+// Combines the parts of split query tiles: merge item = (query tile, batch base, first slot,
+// slot count); one workgroup per (merge item, head, z).
+@compute @workgroup_size(TX * TY)
+fn merge(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let m = P.merge_off + wg.x * 4u;
+    let qt = index_buf[m];
+    let b = index_buf[m + 1u] + wg.z;
+    let s0 = index_buf[m + 2u];
+    let ns = index_buf[m + 3u];
+    let h = wg.y;
+    for (var e = lid; e < BR * D; e += TX * TY) {
+        let r = e / D;
+        let c = e % D;
+        let qrow = qt * BR + r;
+        if (qrow >= P.seq_q) {
+            continue;
+        }
+        var mx = NEG;
+        for (var s = s0; s < s0 + ns; s++) {
+            mx = max(mx, scratch[P.scratch_lse_off + ((s * nwg.z + wg.z) * P.heads + h) * BR + r]);
+        }
+        var big_l = 0.0;
+        var o = 0.0;
+        for (var s = s0; s < s0 + ns; s++) {
+            let part = ((s * nwg.z + wg.z) * P.heads + h) * BR + r;
+            let ls = scratch[P.scratch_lse_off + part];
+            if (ls > NEG_CUT) {
+                let wt = exp2(ls - mx);
+                big_l += wt;
+                o += wt * scratch[part * D + c];
+            }
+        }
+        let out_row = (b * P.heads + h) * P.seq_q + token(qrow);
+        o_buf[out_row * D + c] = select(0.0, o / big_l, big_l > 0.0);
+        if (WRITE_LSE && c == 0u) {
+            var lse = bitcast<f32>(P.neg_inf_bits);
+            if (big_l > 0.0) {
+                lse = (mx + log2(big_l)) * LN2;
             }
             lse_buf[out_row] = lse;
         }

@@ -105,11 +105,11 @@ fn run_of(states: &[TileState]) -> Option<[u32; 4]> {
     Some([begin, end, full_begin, full_end].map(|x| x as u32))
 }
 
-/// Builds a block mask one row at a time, so that each builder fills a row's partial slots while
-/// that row's source data is at hand (in cache for bits, in a buffer for intervals).
+/// Lays out the CSR lists, run-length entries and partial slots row by row, from tile states.
 struct Assembler {
     bm: BlockMask,
-    words_per_tile: usize,
+    slot_words: usize,
+    slots: usize,
 }
 
 impl Assembler {
@@ -141,148 +141,243 @@ impl Assembler {
                 runs: Some(Vec::with_capacity(rows)),
                 partial_bits: Vec::new(),
             },
-            words_per_tile: tile_rows * tile_cols / 32,
+            slot_words: tile_rows * tile_cols / 32,
+            slots: 0,
         }
     }
 
-    /// Appends the next row; `fill(kt, slot)` writes the bits of its partial tile `kt` into a
-    /// zeroed slot.
-    fn push_row(&mut self, states: &[TileState], mut fill: impl FnMut(usize, &mut [u32])) {
+    /// Appends the next row and returns where its partial key tiles are in `bm.cols`; their slots
+    /// are the next ones (the caller provides their bits).
+    fn push_row(&mut self, states: &[TileState]) -> Range<usize> {
         let bm = &mut self.bm;
         bm.states.extend_from_slice(states);
         let start = bm.cols.len();
-        for want in [TileState::Full, TileState::Partial] {
-            bm.cols.extend(
-                (0..states.len())
-                    .filter(|&kt| states[kt] == want)
-                    .map(|kt| kt as u32),
-            );
-            if want == TileState::Full {
-                bm.full_count.push((bm.cols.len() - start) as u32);
-            }
-        }
-        let partials = &bm.cols[start + *bm.full_count.last().unwrap_or(&0) as usize..];
-        let slot_words = self.words_per_tile;
-        bm.partial_base
-            .push((bm.partial_bits.len() / slot_words) as u32);
-        let base = bm.partial_bits.len();
-        bm.partial_bits
-            .resize(base + partials.len() * slot_words, 0);
-        for (&kt, slot) in partials
-            .iter()
-            .zip(bm.partial_bits[base..].chunks_exact_mut(slot_words))
-        {
-            fill(kt as usize, slot);
-        }
+        let tiles_in = |want: TileState| {
+            (0..states.len() as u32).filter(move |&kt| states[kt as usize] == want)
+        };
+        bm.cols.extend(tiles_in(TileState::Full));
+        let first_partial = bm.cols.len();
+        bm.cols.extend(tiles_in(TileState::Partial));
+        bm.full_count.push((first_partial - start) as u32);
+        bm.partial_base.push(self.slots as u32);
         bm.row_ptr.push(bm.cols.len() as u32);
+        self.slots += bm.cols.len() - first_partial;
         if let Some(runs) = &mut bm.runs {
             match run_of(states) {
                 Some(run) => runs.push(run),
                 None => bm.runs = None,
             }
         }
+        first_partial..bm.cols.len()
     }
 }
 
-/// Classifies the key tiles of one query-tile row group of a bit-packed mask: `or_acc` / `and_acc`
-/// receive the OR / AND of rows `q0..q1` (whole words, tile_cols being a multiple of 32), then each
-/// tile's words decide its state.
-#[allow(clippy::too_many_arguments)]
-fn classify_rows(
-    words: &[u32],
+/// Classifies the key tiles of query tiles of a bit-packed mask from the OR and AND of each query
+/// tile's rows, whole words at a time (tile_cols being a multiple of 32).
+struct BitClassifier {
     wpr: usize,
-    rows: Range<usize>,
-    tail: u32,
     words_per_tile_row: usize,
-    or_acc: &mut [u32],
-    and_acc: &mut [u32],
-    out: &mut [TileState],
-) {
-    let first = &words[rows.start * wpr..(rows.start + 1) * wpr];
-    or_acc.copy_from_slice(first);
-    and_acc.copy_from_slice(first);
-    for row in words[(rows.start + 1) * wpr..rows.end * wpr].chunks_exact(wpr) {
-        for ((o, a), &x) in or_acc.iter_mut().zip(and_acc.iter_mut()).zip(row) {
-            *o |= x;
-            *a &= x;
+    tail: u32,
+    or_acc: Vec<u32>,
+    and_acc: Vec<u32>,
+}
+
+impl BitClassifier {
+    fn new(mask: &Mask, tile_cols: usize) -> BitClassifier {
+        let wpr = mask.words_per_row();
+        BitClassifier {
+            wpr,
+            words_per_tile_row: tile_cols / 32,
+            tail: tail_bits(mask.seq_k()),
+            or_acc: vec![0; wpr],
+            and_acc: vec![0; wpr],
         }
     }
-    // Keys past seq_k must not stop a tile from being full.
-    and_acc[wpr - 1] |= !tail;
-    for (kt, state) in out.iter_mut().enumerate() {
-        let w = kt * words_per_tile_row..((kt + 1) * words_per_tile_row).min(wpr);
-        *state = if and_acc[w.clone()].iter().all(|&x| x == !0) {
-            TileState::Full
-        } else if or_acc[w].iter().any(|&x| x != 0) {
-            TileState::Partial
-        } else {
-            TileState::Empty
-        };
+
+    /// States of the key tiles of the query tile made of mask rows `rows` of `words`.
+    fn classify(&mut self, words: &[u32], rows: Range<usize>, out: &mut [TileState]) {
+        let wpr = self.wpr;
+        let first = &words[rows.start * wpr..(rows.start + 1) * wpr];
+        self.or_acc.copy_from_slice(first);
+        self.and_acc.copy_from_slice(first);
+        for row in words[(rows.start + 1) * wpr..rows.end * wpr].chunks_exact(wpr) {
+            for ((o, a), &x) in self.or_acc.iter_mut().zip(&mut self.and_acc).zip(row) {
+                *o |= x;
+                *a &= x;
+            }
+        }
+        // Keys past seq_k must not stop a tile from being full.
+        self.and_acc[wpr - 1] |= !self.tail;
+        for (kt, state) in out.iter_mut().enumerate() {
+            let w = kt * self.words_per_tile_row..((kt + 1) * self.words_per_tile_row).min(wpr);
+            *state = if self.and_acc[w.clone()].iter().all(|&x| x == !0) {
+                TileState::Full
+            } else if self.or_acc[w].iter().any(|&x| x != 0) {
+                TileState::Partial
+            } else {
+                TileState::Empty
+            };
+        }
     }
+}
+
+/// Mask words above which [`BlockMask::new`] spreads its work over threads (below, spawning costs
+/// more than it saves).
+const PARALLEL_WORDS: usize = 1 << 20;
+
+fn worker_threads(words: usize) -> usize {
+    if words < PARALLEL_WORDS {
+        return 1;
+    }
+    // No threads where std has none (wasm): available_parallelism is an error there.
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(8))
+}
+
+/// Runs the jobs, on scoped threads when there is more than one.
+fn run_all(jobs: Vec<impl FnOnce() + Send>) {
+    if jobs.len() <= 1 {
+        jobs.into_iter().for_each(|job| job());
+        return;
+    }
+    std::thread::scope(|s| {
+        let mut jobs = jobs.into_iter();
+        let mine = jobs.next();
+        for job in jobs {
+            s.spawn(job);
+        }
+        if let Some(job) = mine {
+            job();
+        }
+    });
 }
 
 /// Number of active tiles of a mask for a tile shape, without building the block mask's lists and
 /// bits (what RCM reports before and after reordering).
 pub(crate) fn active_tile_count(mask: &Mask, tile_rows: usize, tile_cols: usize) -> Result<usize> {
     check_tiles(tile_rows, tile_cols)?;
-    let wpr = mask.words_per_row();
-    let (mut or_acc, mut and_acc) = (vec![0u32; wpr], vec![0u32; wpr]);
+    let mut classifier = BitClassifier::new(mask, tile_cols);
     let mut states = vec![TileState::Empty; mask.seq_k().div_ceil(tile_cols)];
     let mut active = 0;
     for b in 0..mask.batches() {
         for q0 in (0..mask.seq_q()).step_by(tile_rows) {
-            classify_rows(
-                mask.words(b),
-                wpr,
-                q0..(q0 + tile_rows).min(mask.seq_q()),
-                tail_bits(mask.seq_k()),
-                tile_cols / 32,
-                &mut or_acc,
-                &mut and_acc,
-                &mut states,
-            );
+            let rows = q0..(q0 + tile_rows).min(mask.seq_q());
+            classifier.classify(mask.words(b), rows, &mut states);
             active += states.iter().filter(|&&s| s != TileState::Empty).count();
         }
     }
     Ok(active)
 }
 
+/// Division by the tile width: a shift when it is a power of two, as it is in practice (the
+/// interval builder divides a few times per interval).
+#[derive(Clone, Copy)]
+struct TileWidth {
+    width: usize,
+    shift: Option<u32>,
+}
+
+impl TileWidth {
+    fn new(width: usize) -> TileWidth {
+        let shift = width.is_power_of_two().then(|| width.trailing_zeros());
+        TileWidth { width, shift }
+    }
+
+    fn tile_of(self, x: usize) -> usize {
+        match self.shift {
+            Some(s) => x >> s,
+            None => x / self.width,
+        }
+    }
+}
+
 impl BlockMask {
     /// The block mask of `mask` for `tile_rows × tile_cols` tiles. `tile_rows` must be positive and
     /// `tile_cols` a positive multiple of 32 ([`Error::InvalidArgument`] otherwise).
     ///
-    /// Works on whole u32 words: per query tile, the OR and AND of its rows decide every key tile,
-    /// and only partial tiles have their words copied.
+    /// Works on whole u32 words: per query tile, the OR and AND of its rows decide every key tile;
+    /// then only partial tiles have their words copied. Large masks use all cores for both passes.
     pub fn new(mask: &Mask, tile_rows: usize, tile_cols: usize) -> Result<BlockMask> {
         check_tiles(tile_rows, tile_cols)?;
         let (seq_q, seq_k, wpr) = (mask.seq_q(), mask.seq_k(), mask.words_per_row());
         let mut asm = Assembler::new(seq_q, seq_k, tile_rows, tile_cols, mask.batches());
-        let wpt = tile_cols / 32;
-        let (mut or_acc, mut and_acc) = (vec![0u32; wpr], vec![0u32; wpr]);
-        let mut states = vec![TileState::Empty; asm.bm.k_tiles];
-        for b in 0..mask.batches() {
-            let words = mask.words(b);
-            for q0 in (0..seq_q).step_by(tile_rows) {
-                let q1 = (q0 + tile_rows).min(seq_q);
-                classify_rows(
-                    words,
-                    wpr,
-                    q0..q1,
-                    tail_bits(seq_k),
-                    wpt,
-                    &mut or_acc,
-                    &mut and_acc,
-                    &mut states,
-                );
-                asm.push_row(&states, |kt, slot| {
-                    let w = kt * wpt..((kt + 1) * wpt).min(wpr);
-                    for (q, dst) in (q0..q1).zip(slot.chunks_exact_mut(wpt)) {
-                        let src = &words[q * wpr + w.start..q * wpr + w.end];
-                        dst[..src.len()].copy_from_slice(src);
+        let (q_tiles, k_tiles) = (asm.bm.q_tiles, asm.bm.k_tiles);
+        let rows = mask.batches() * q_tiles;
+        let threads = worker_threads(mask.batches() * seq_q * wpr);
+        let rows_per_job = rows.div_ceil(threads);
+
+        // Pass 1: tile states, rows split over the threads.
+        let mut states = vec![TileState::Empty; rows * k_tiles];
+        run_all(
+            states
+                .chunks_mut(rows_per_job * k_tiles)
+                .enumerate()
+                .map(|(j, chunk)| {
+                    move || {
+                        let mut classifier = BitClassifier::new(mask, tile_cols);
+                        for (i, out) in chunk.chunks_exact_mut(k_tiles).enumerate() {
+                            let r = j * rows_per_job + i;
+                            let q0 = r % q_tiles * tile_rows;
+                            let words = mask.words(r / q_tiles);
+                            classifier.classify(words, q0..(q0 + tile_rows).min(seq_q), out);
+                        }
                     }
-                });
-            }
+                })
+                .collect(),
+        );
+
+        // Lists and slot numbers; the slots' memory is zeroed lazily by the allocator.
+        for row in states.chunks_exact(k_tiles) {
+            asm.push_row(row);
         }
+        let slot_words = asm.slot_words;
+        let mut bits = vec![0u32; asm.slots * slot_words];
+
+        // Pass 2: copy the words of partial tiles, rows split so that each job gets about as many
+        // slots; a job's slots are contiguous.
+        let bm = &asm.bm;
+        let slot_of_row = |r: usize| {
+            if r == rows {
+                asm.slots
+            } else {
+                bm.partial_base[r] as usize
+            }
+        };
+        let mut jobs = Vec::with_capacity(threads);
+        let mut rest = &mut bits[..];
+        let mut first_row = 0;
+        for t in 1..=threads {
+            let end_row = if t == threads {
+                rows
+            } else {
+                let target = asm.slots * t / threads;
+                bm.partial_base
+                    .partition_point(|&s| (s as usize) < target)
+                    .max(first_row)
+            };
+            let words = (slot_of_row(end_row) - slot_of_row(first_row)) * slot_words;
+            let (mine, tail) = std::mem::take(&mut rest).split_at_mut(words);
+            rest = tail;
+            let row_range = first_row..end_row;
+            jobs.push(move || {
+                let wpt = tile_cols / 32;
+                let mut slots = mine.chunks_exact_mut(slot_words);
+                for r in row_range {
+                    let (q0, words) = (r % q_tiles * tile_rows, mask.words(r / q_tiles));
+                    let q1 = (q0 + tile_rows).min(seq_q);
+                    let (_, mid, end) = bm.row_bounds(r);
+                    for (&kt, slot) in bm.cols[mid..end].iter().zip(&mut slots) {
+                        let w = kt as usize * wpt..((kt as usize + 1) * wpt).min(wpr);
+                        for (q, dst) in (q0..q1).zip(slot.chunks_exact_mut(wpt)) {
+                            let src = &words[q * wpr + w.start..q * wpr + w.end];
+                            dst[..src.len()].copy_from_slice(src);
+                        }
+                    }
+                }
+            });
+            first_row = end_row;
+        }
+        run_all(jobs);
+        asm.bm.partial_bits = bits;
         Ok(asm.bm)
     }
 
@@ -292,7 +387,8 @@ impl BlockMask {
     ///
     /// Equal to `BlockMask::new(&Mask::from_row_intervals(seq_q, seq_k, rows)?, ..)`, in
     /// O(q_tiles · k_tiles + intervals + bits of partial tiles): the fast path of the generators
-    /// whose rows are a few intervals (causal, windows, documents, prefix-LM, Longformer, BigBird).
+    /// whose rows are a few intervals (causal, windows, documents, prefix-LM, Longformer, BigBird,
+    /// shallow trees, random blocks).
     pub fn from_row_intervals(
         seq_q: usize,
         seq_k: usize,
@@ -303,12 +399,13 @@ impl BlockMask {
         check_tiles(tile_rows, tile_cols)?;
         mask_geometry(seq_q, seq_k)?;
         let mut asm = Assembler::new(seq_q, seq_k, tile_rows, tile_cols, 1);
-        let k_tiles = asm.bm.k_tiles;
-        let wpt = tile_cols / 32;
+        let (k_tiles, slot_words, wpt) = (asm.bm.k_tiles, asm.slot_words, tile_cols / 32);
+        let tiles = TileWidth::new(tile_cols);
         let mut buf = Vec::new();
         // Merged, sorted, disjoint intervals of the rows of the current query tile.
         let mut ivs: Vec<(usize, usize)> = Vec::new();
         let mut row_start: Vec<usize> = Vec::with_capacity(tile_rows + 1);
+        // Per key tile, difference arrays of the rows touching it and the rows covering it.
         let (mut touched, mut covered) = (vec![0i32; k_tiles + 1], vec![0i32; k_tiles + 1]);
         let mut states = vec![TileState::Empty; k_tiles];
         for q0 in (0..seq_q).step_by(tile_rows) {
@@ -325,7 +422,9 @@ impl BlockMask {
                     r.end = r.end.min(seq_k);
                     r.start < r.end
                 });
-                buf.sort_unstable_by_key(|r| r.start);
+                if !buf.is_sorted_by_key(|r| r.start) {
+                    buf.sort_unstable_by_key(|r| r.start);
+                }
                 let first = ivs.len();
                 for r in &buf {
                     // Touching intervals merge too, so that a full tile is inside one interval.
@@ -335,10 +434,14 @@ impl BlockMask {
                     }
                 }
                 for &(s, e) in &ivs[first..] {
-                    touched[s / tile_cols] += 1;
-                    touched[(e - 1) / tile_cols + 1] -= 1;
-                    let full_begin = s.div_ceil(tile_cols);
-                    let full_end = if e == seq_k { k_tiles } else { e / tile_cols };
+                    touched[tiles.tile_of(s)] += 1;
+                    touched[tiles.tile_of(e - 1) + 1] -= 1;
+                    let full_begin = tiles.tile_of(s + tile_cols - 1);
+                    let full_end = if e == seq_k {
+                        k_tiles
+                    } else {
+                        tiles.tile_of(e)
+                    };
                     if full_begin < full_end {
                         covered[full_begin] += 1;
                         covered[full_end] -= 1;
@@ -358,16 +461,27 @@ impl BlockMask {
                     TileState::Empty
                 };
             }
-            asm.push_row(&states, |kt, slot| {
-                let (lo, hi) = (kt * tile_cols, ((kt + 1) * tile_cols).min(seq_k));
-                for (i, dst) in slot.chunks_exact_mut(wpt).enumerate().take(q1 - q0) {
-                    let row = &ivs[row_start[i]..row_start[i + 1]];
-                    let first = row.partition_point(|&(_, e)| e <= lo);
-                    for &(s, e) in row[first..].iter().take_while(|&&(s, _)| s < hi) {
+            let partial = asm.push_row(&states);
+            let bm = &mut asm.bm;
+            let base = bm.partial_bits.len();
+            bm.partial_bits.resize(base + partial.len() * slot_words, 0);
+            let (kts, bits) = (&bm.cols[partial], &mut bm.partial_bits[base..]);
+            // Per row, walk its intervals and the partial tiles together (both in key order).
+            for i in 0..q1 - q0 {
+                let row = &ivs[row_start[i]..row_start[i + 1]];
+                let mut j = 0;
+                for (p, &kt) in kts.iter().enumerate() {
+                    let lo = kt as usize * tile_cols;
+                    let hi = (lo + tile_cols).min(seq_k);
+                    while j < row.len() && row[j].1 <= lo {
+                        j += 1;
+                    }
+                    let dst = &mut bits[p * slot_words + i * wpt..][..wpt];
+                    for &(s, e) in row[j..].iter().take_while(|&&(s, _)| s < hi) {
                         set_bit_range(dst, s.max(lo) - lo, e.min(hi) - lo);
                     }
                 }
-            });
+            }
         }
         Ok(asm.bm)
     }

@@ -187,6 +187,9 @@ pub(crate) struct Params {
     pub neg_inf_bits: u32,
     pub k_tiles: u32,
     pub perm_off: u32,
+    pub merge_off: u32,
+    pub scratch_lse_off: u32,
+    pub pad: [u32; 2],
 }
 
 /// One specialisation of the kernel.
@@ -197,6 +200,8 @@ pub(crate) struct Variant {
     pub dense_mask: bool,
     pub write_lse: bool,
     pub permuted: bool,
+    /// The split-KV merge entry point instead of the attention one.
+    pub merge: bool,
 }
 
 /// Compiled pipelines of one device, shared by every plan on it.
@@ -280,6 +285,7 @@ impl PipelineCache {
                         storage(5, false),
                         storage(6, true),
                         storage(7, true),
+                        storage(8, false),
                     ],
                 });
                 let layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
@@ -311,7 +317,7 @@ impl PipelineCache {
             label: Some("blockflash attention"),
             layout: Some(&layout),
             module: &module,
-            entry_point: Some("main"),
+            entry_point: Some(if variant.merge { "merge" } else { "main" }),
             compilation_options: wgpu::PipelineCompilationOptions {
                 constants: &constants,
                 zero_initialize_workgroup_memory: false,

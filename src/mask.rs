@@ -1120,6 +1120,8 @@ impl MaskSpec {
                             out.push(prefix_len + v..prefix_len + v + 1);
                             node = parents[v];
                         }
+                        // Parents usually precede children: reversed, the list is then sorted.
+                        out[1..].reverse();
                     }),
                 )
             }

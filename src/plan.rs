@@ -40,6 +40,10 @@ pub struct PlanOptions {
     pub reorder: Reorder,
     /// Whether the kernel writes the log-sum-exp.
     pub write_lse: bool,
+    /// Split-KV: the most key tiles one workgroup walks; query tiles with more are split over
+    /// several workgroups and merged by log-sum-exp. `None` splits only query tiles with over
+    /// four times the mean work (global tokens); `Some(usize::MAX)` never splits.
+    pub max_tiles_per_workgroup: Option<usize>,
 }
 
 impl Default for PlanOptions {
@@ -50,6 +54,7 @@ impl Default for PlanOptions {
             tile: None,
             reorder: Reorder::Auto,
             write_lse: true,
+            max_tiles_per_workgroup: None,
         }
     }
 }
@@ -82,6 +87,9 @@ struct Chunk {
     params: wgpu::Buffer,
     index: wgpu::Buffer,
     items: u32,
+    merges: u32,
+    slots: usize,
+    scratch: wgpu::Buffer,
     z: u32,
 }
 
@@ -400,24 +408,51 @@ impl Plan {
         let chunk_dims = split_work(&shape, binding_limit, q_tiles, per_batch, &limits)?;
         let mut chunks = Vec::with_capacity(chunk_dims.len());
         for (b0, nb, hk0, nhk) in chunk_dims {
-            // Work items, heaviest query tiles first.
-            let mut items: Vec<(usize, [u32; 4])> = Vec::new();
+            // Work items, heaviest first, heavy query tiles split over several workgroups.
+            let mut rows = Vec::new();
             let batches = if per_batch { nb } else { 1 };
             for bl in 0..batches {
                 let bm_b = if per_batch { b0 + bl } else { 0 };
                 for qt in 0..q_tiles {
                     let row = (bm_b * q_tiles + qt) as u32;
-                    items.push((row_work(bm_b, qt), [qt as u32, row, bl as u32, 0]));
+                    rows.push((row_work(bm_b, qt), [qt as u32, row, bl as u32]));
                 }
             }
-            items.sort_by_key(|(w, _)| std::cmp::Reverse(*w));
-            let mut index: Vec<u32> = items.iter().flat_map(|(_, it)| *it).collect();
+            let z = if per_batch { 1 } else { nb };
+            let part_bytes =
+                (z * nhk * shape.group() * config.tile_rows * (shape.head_dim + 1) * 4) as u64;
+            let work = split_rows(
+                &rows,
+                options.max_tiles_per_workgroup,
+                part_bytes,
+                binding_limit,
+            );
+            let max_dim = limits.max_compute_workgroups_per_dimension as usize;
+            if work.items.len() > max_dim {
+                return Err(Error::TooLarge {
+                    what: "work items of one dispatch",
+                    bytes: work.items.len() as u64,
+                    limit_name: "max_compute_workgroups_per_dimension",
+                    limit: max_dim as u64,
+                });
+            }
+            let mut index: Vec<u32> = work.items.iter().flatten().copied().collect();
             let rows_off = index.len() as u32;
             index.extend_from_slice(&rows_tab);
             let cols_off = index.len() as u32;
             index.extend_from_slice(&cols_tab);
             let perm_off = index.len() as u32;
             index.extend_from_slice(&perm);
+            let merge_off = index.len() as u32;
+            index.extend(work.merges.iter().flatten());
+            let scratch_lse_off =
+                (work.slots * z * nhk * shape.group() * config.tile_rows * shape.head_dim) as u32;
+            let scratch = device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("blockflash split-KV parts"),
+                size: (work.slots as u64 * part_bytes).max(16),
+                usage: wgpu::BufferUsages::STORAGE,
+                mapped_at_creation: false,
+            });
             let params = Params {
                 seq_q: shape.seq_q as u32,
                 seq_k: shape.seq_k as u32,
@@ -436,6 +471,9 @@ impl Plan {
                 neg_inf_bits: f32::NEG_INFINITY.to_bits(),
                 k_tiles: k_tiles as u32,
                 perm_off,
+                merge_off,
+                scratch_lse_off,
+                pad: [0; 2],
             };
             let params_buf = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
                 label: Some("blockflash params"),
@@ -454,8 +492,11 @@ impl Plan {
                 nhk,
                 params: params_buf,
                 index: index_buf,
-                items: items.len() as u32,
-                z: if per_batch { 1 } else { nb as u32 },
+                items: work.items.len() as u32,
+                merges: work.merges.len() as u32,
+                slots: work.slots,
+                scratch,
+                z: z as u32,
             });
         }
         let plan = Plan {
@@ -489,6 +530,7 @@ impl Plan {
             dense_mask: self.dense_mask,
             write_lse: self.write_lse,
             permuted: self.permuted.is_some(),
+            merge: false,
         }
     }
 
@@ -590,6 +632,17 @@ impl Plan {
             "work order: heaviest query tiles first; {} dispatch(es)",
             self.chunks.len()
         );
+        let (merges, slots) = self
+            .chunks
+            .iter()
+            .fold((0, 0), |(m, s), c| (m + c.merges as usize, s + c.slots));
+        if merges > 0 {
+            let _ = writeln!(
+                d,
+                "split-KV: {merges} heavy query tile(s) split into {slots} workgroups, merged by \
+                 log-sum-exp"
+            );
+        }
         d += &self.why;
         d
     }
@@ -663,6 +716,7 @@ impl Plan {
                 (5, t.lse),
                 (6, &chunk.index),
                 (7, &self.bits),
+                (8, &chunk.scratch),
             ]
             .map(|(binding, b)| wgpu::BindGroupEntry {
                 binding,
@@ -679,11 +733,17 @@ impl Plan {
         });
         pass.set_pipeline(&pipeline);
         pass.set_bind_group(0, &bind, &[]);
-        pass.dispatch_workgroups(
-            chunk.items,
-            (chunk.nhk * self.shape.group()) as u32,
-            chunk.z,
-        );
+        let heads = (chunk.nhk * self.shape.group()) as u32;
+        pass.dispatch_workgroups(chunk.items, heads, chunk.z);
+        if chunk.merges > 0 {
+            let merge = Variant {
+                merge: true,
+                ..self.variant()
+            };
+            let (pipeline, _) = self.gpu.pipelines().get(device, merge)?;
+            pass.set_pipeline(&pipeline);
+            pass.dispatch_workgroups(chunk.merges, heads, chunk.z);
+        }
         Ok(())
     }
 
@@ -780,6 +840,73 @@ impl Plan {
         let o = crate::readback::read_f32(&self.gpu, encoder, &[(&ob, q.len()), (&lb, lse_len)])?;
         let mut it = o.into_iter();
         Ok((it.next().unwrap_or_default(), it.next().unwrap_or_default()))
+    }
+}
+
+/// Work items of one dispatch and the merges of split query tiles.
+struct Work {
+    /// [query tile, block-mask row, batch base, split slot or NO_SPLIT, first, end, 0, 0]
+    items: Vec<[u32; 8]>,
+    /// [query tile, batch base, first slot, slot count]
+    merges: Vec<[u32; 4]>,
+    slots: usize,
+}
+
+const NO_SPLIT: u32 = u32::MAX;
+
+/// Orders query tiles heaviest first and splits the heavy ones: `rows` holds (work in key
+/// tiles, [query tile, block-mask row, batch base]). A split part's scratch costs `part_bytes`;
+/// splitting stops short of the binding limit.
+fn split_rows(
+    rows: &[(usize, [u32; 3])],
+    max_tiles: Option<usize>,
+    part_bytes: u64,
+    binding_limit: u64,
+) -> Work {
+    let total: usize = rows.iter().map(|r| r.0).sum();
+    let mean = total as f64 / rows.len().max(1) as f64;
+    let mut limit = match max_tiles {
+        Some(m) => m.max(1),
+        None => {
+            let heaviest = rows.iter().map(|r| r.0).max().unwrap_or(0);
+            if (heaviest as f64) > 4.0 * mean {
+                ((2.0 * mean).ceil() as usize).max(4)
+            } else {
+                usize::MAX
+            }
+        }
+    };
+    let slots_for = |limit: usize| -> usize {
+        rows.iter()
+            .filter(|r| r.0 > limit)
+            .map(|r| r.0.div_ceil(limit))
+            .sum()
+    };
+    while limit < usize::MAX && slots_for(limit) as u64 * part_bytes > binding_limit {
+        limit = limit.saturating_mul(2);
+    }
+    let mut pieces: Vec<(usize, [u32; 8])> = Vec::new();
+    let mut merges = Vec::new();
+    let mut slots = 0usize;
+    for &(w, [qt, row, bl]) in rows {
+        if w <= limit {
+            pieces.push((w, [qt, row, bl, NO_SPLIT, 0, u32::MAX, 0, 0]));
+            continue;
+        }
+        let parts = w.div_ceil(limit);
+        merges.push([qt, bl, slots as u32, parts as u32]);
+        for p in 0..parts {
+            let (lo, hi) = (p * w / parts, (p + 1) * w / parts);
+            let slot = (slots + p) as u32;
+            pieces.push((hi - lo, [qt, row, bl, slot, lo as u32, hi as u32, 0, 0]));
+        }
+        slots += parts;
+    }
+    pieces.sort_by_key(|(w, _)| std::cmp::Reverse(*w));
+    Work {
+        items: pieces.into_iter().map(|(_, it)| it).collect(),
+        merges,
+        slots,
     }
 }
 

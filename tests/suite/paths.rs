@@ -232,3 +232,47 @@ fn plan_rejects_wrong_shapes_and_ineligible_forced_paths() {
         Err(Error::InvalidArgument { what: "tile", .. })
     ));
 }
+
+#[test]
+fn split_kv_parts_merge_to_the_reference_on_every_path() {
+    let mut rng = Rng::fresh("split-kv");
+    let seq = 300;
+    let shape = Shape {
+        batch: 2,
+        heads: 2,
+        kv_heads: 1,
+        seq_q: seq,
+        seq_k: seq,
+        head_dim: 64,
+    };
+    for name in ["causal", "longformer", "tree", "random-blocks"] {
+        let mask = family_mask(name, seq, rng.next_u64()).unwrap();
+        for path in [Path::Dense, Path::RunLength, Path::Sparse] {
+            for max_tiles in [1, 2, 3] {
+                let opts = PlanOptions {
+                    max_tiles_per_workgroup: Some(max_tiles),
+                    ..forced(path, Some((16, 32)))
+                };
+                match Plan::new(gpu(), shape, Some(&mask), opts.clone()) {
+                    Err(Error::PathNotEligible(_)) => continue,
+                    Err(e) => panic!("{e}"),
+                    Ok(plan) => assert!(plan.describe().contains("split-KV"), "{name}"),
+                }
+                let what = format!("{name} {path} max {max_tiles}");
+                check_case(&what, &mut rng, shape, Some(&mask), opts);
+            }
+        }
+    }
+    // Global tokens make a few query tiles far heavier: the automatic plan splits them.
+    let mask = Mask::longformer(512, 8, &[0, 1, 2, 3]).unwrap();
+    let shape = Shape::new(1, 2, 512, 32);
+    let plan = Plan::new(gpu(), shape, Some(&mask), PlanOptions::default()).unwrap();
+    assert!(plan.describe().contains("split-KV"), "{}", plan.describe());
+    check_case(
+        "longformer auto split",
+        &mut rng,
+        shape,
+        Some(&mask),
+        PlanOptions::default(),
+    );
+}
