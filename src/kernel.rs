@@ -7,8 +7,49 @@ use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
 
-/// The WGSL source of the forward kernel (all paths and tile shapes).
+/// WGSL shared by every kernel: walk, masks, stores, split-KV merge.
+pub const COMMON_WGSL: &str = include_str!("../shaders/common.wgsl");
+/// WGSL of the portable kernel (all paths and tile shapes, f32 or f16 storage).
 pub const ATTENTION_WGSL: &str = include_str!("../shaders/attention.wgsl");
+
+/// Storage type of Q, K, V and O.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum DType {
+    /// 32-bit float.
+    #[default]
+    F32,
+    /// 16-bit float (needs `SHADER_F16`).
+    F16,
+}
+
+impl DType {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F16 => 2,
+        }
+    }
+}
+
+impl fmt::Display for DType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+        })
+    }
+}
+
+/// The WGSL module of a kernel: a prologue for the storage type, then the shared code and the
+/// kernel's own.
+pub fn module_source(dtype: DType) -> String {
+    let prologue = match dtype {
+        DType::F32 => "alias Elem = f32;\n",
+        DType::F16 => "enable f16;\nalias Elem = f16;\n",
+    };
+    format!("{prologue}{COMMON_WGSL}\n{ATTENTION_WGSL}")
+}
 
 /// Which key tiles a workgroup walks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -202,6 +243,8 @@ pub(crate) struct Variant {
     pub permuted: bool,
     /// The split-KV merge entry point instead of the attention one.
     pub merge: bool,
+    /// Storage type of Q, K, V, O.
+    pub dtype: DType,
 }
 
 /// Compiled pipelines of one device, shared by every plan on it.
@@ -212,7 +255,7 @@ pub(crate) struct PipelineCache {
 
 #[derive(Default)]
 struct CacheInner {
-    module: Option<wgpu::ShaderModule>,
+    modules: HashMap<DType, wgpu::ShaderModule>,
     layout: Option<(wgpu::BindGroupLayout, wgpu::PipelineLayout)>,
     pipelines: HashMap<Variant, wgpu::ComputePipeline>,
 }
@@ -242,16 +285,17 @@ impl PipelineCache {
             .lock()
             .map_err(|_| Error::Device("pipeline cache poisoned".into()))?;
         let module = c
-            .module
-            .get_or_insert_with(|| {
-                // SAFETY: every loop of the kernel has a finite trip count (bounds come from
+            .modules
+            .entry(variant.dtype)
+            .or_insert_with(|| {
+                // SAFETY: every loop of the kernels has a finite trip count (bounds come from
                 // override constants and block-mask tables the host built), so wgpu's loop
                 // bounding only blocks the driver from unrolling; bounds checks stay on.
                 unsafe {
                     device.create_shader_module_trusted(
                         wgpu::ShaderModuleDescriptor {
                             label: Some("blockflash attention"),
-                            source: wgpu::ShaderSource::Wgsl(ATTENTION_WGSL.into()),
+                            source: wgpu::ShaderSource::Wgsl(module_source(variant.dtype).into()),
                         },
                         wgpu::ShaderRuntimeChecks {
                             force_loop_bounding: false,
@@ -306,7 +350,7 @@ impl PipelineCache {
             ("D", k.head_dim as f64),
             ("DC", k.dc as f64),
             ("TX", k.tx as f64),
-            ("TY", k.ty as f64),
+            ("THREADS", k.threads() as f64),
             ("PATH", variant.path.code() as f64),
             ("DENSE_MASK", variant.dense_mask as u32 as f64),
             ("WRITE_LSE", variant.write_lse as u32 as f64),

@@ -10,7 +10,7 @@ use wgpu::util::DeviceExt;
 use crate::block_mask::BlockMask;
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Tier};
-use crate::kernel::{KernelConfig, Params, Path, Variant};
+use crate::kernel::{DType, KernelConfig, Params, Path, Variant};
 use crate::mask::Mask;
 use crate::reference::{check_mask, Output};
 use crate::shape::Shape;
@@ -531,6 +531,7 @@ impl Plan {
             write_lse: self.write_lse,
             permuted: self.permuted.is_some(),
             merge: false,
+            dtype: DType::F32,
         }
     }
 

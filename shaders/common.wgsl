@@ -1,0 +1,242 @@
+// What every attention kernel shares: overrides, parameters, bindings other than Q/K/V, the
+// walk over a work item's key tiles, mask bits, the token permutation, storing results, and the
+// split-KV merge. The host prepends a prologue that enables extensions and defines `Elem`, the
+// storage type of Q, K, V and O (f32 or f16).
+//
+// A workgroup owns one query tile of BR rows of one (batch, head) and walks the key tiles that its
+// work item names; each key tile is BC keys. The walk is one of three paths (PATH):
+//   0 dense:      every key tile; with DENSE_MASK, mask bits of a full bit-packed mask are applied
+//   1 run-length: key tiles [begin, end), the full ones [full_begin, full_end), the rest partial
+//   2 sparse:     a CSR list of key tiles, full ones first, then partial ones
+// Full tiles read no mask; partial tiles read their bit slot (BR rows x BC/32 words).
+// A work item may cover only part of its query tile's walk (split-KV for heavy query tiles): it
+// then writes its normalised partial output and log-sum-exp to `scratch`, and the `merge` entry
+// point combines the parts of each query tile by log-sum-exp.
+
+override BR: u32 = 16u;        // query rows per tile
+override BC: u32 = 32u;        // keys per tile (multiple of 32)
+override D: u32 = 64u;         // head dim
+override THREADS: u32 = 64u;   // workgroup size
+override PATH: u32 = 0u;
+override DENSE_MASK: bool = false;
+override WRITE_LSE: bool = true;
+override PERMUTED: bool = false;  // tokens reordered: row i of the tiles is token perm[i]
+
+const NEG: f32 = -3.0e38;      // "minus infinity" that stays finite in arithmetic
+const NEG_CUT: f32 = -1.0e38;  // scores below this are masked
+const NO_SPLIT: u32 = 0xffffffffu;
+const LN2: f32 = 0.6931471805599453;
+
+struct Params {
+    seq_q: u32,
+    seq_k: u32,
+    heads: u32,
+    group: u32,             // query heads per key/value head
+    scale_log2: f32,        // softmax scale * log2(e)
+    words_per_row: u32,     // dense mask: u32 words per query row
+    mask_batch_stride: u32, // dense mask: words between batch elements (0 when shared)
+    rows_off: u32,          // index buffer: offset of the per-row table (2 x vec4 per row)
+    cols_off: u32,          // index buffer: offset of the CSR key-tile list
+    neg_inf_bits: u32,      // bits of -inf, written as the LSE of rows with no allowed key
+    k_tiles: u32,
+    perm_off: u32,          // index buffer: offset of the token permutation (PERMUTED)
+    merge_off: u32,         // index buffer: offset of the merge items (4 u32 each)
+    scratch_lse_off: u32,   // scratch: offset of the partial log-sum-exps (after partial O)
+    _pad0: u32,
+    _pad1: u32,
+}
+
+@group(0) @binding(0) var<uniform> P: Params;
+@group(0) @binding(4) var<storage, read_write> o_buf: array<Elem>;
+@group(0) @binding(5) var<storage, read_write> lse_buf: array<f32>;
+// Work items (8 u32 each: query tile, block-mask row, batch base, split slot or NO_SPLIT,
+// first and end position within the walk, 2 unused), then the per-row table at rows_off, the
+// key-tile list at cols_off, the permutation at perm_off and the merge items at merge_off.
+@group(0) @binding(6) var<storage, read> index_buf: array<u32>;
+@group(0) @binding(7) var<storage, read> bits_buf: array<u32>;
+// Partial results of split work items: O parts [slot][z][head][BR][D], then LSE parts.
+@group(0) @binding(8) var<storage, read_write> scratch: array<f32>;
+
+var<workgroup> walk: vec4<u32>;   // first position, end position, path-specific a, b
+var<workgroup> span: vec2<u32>;   // the positions this work item covers
+
+// One workgroup's work: which query tile of which (batch, head), and its walk.
+struct Item {
+    qt: u32,
+    b: u32,
+    h: u32,
+    split: u32,
+    z: u32,             // workgroup_id.z, and the number of them, for split-KV parts
+    nz: u32,
+    walk: vec4<u32>,    // path-specific: see tile_at
+    first: u32,         // positions [first, end) of the walk are this item's
+    end: u32,
+    partial_base: u32,  // first partial-tile slot of the query tile
+}
+
+// Reads the work item of this workgroup; call from uniform control flow.
+fn work_item(wg: vec3<u32>, nwg: vec3<u32>, lid: u32) -> Item {
+    let item = wg.x * 8u;
+    let row = index_buf[item + 1u];
+    if (lid == 0u) {
+        if (PATH == 0u) {
+            walk = vec4<u32>(0u, P.k_tiles, 0u, 0u);
+        } else {
+            let r = P.rows_off + row * 8u;
+            walk = vec4<u32>(index_buf[r], index_buf[r + 1u], index_buf[r + 2u], index_buf[r + 3u]);
+        }
+        let len = walk.y - walk.x;
+        span = walk.x + vec2<u32>(min(index_buf[item + 4u], len), min(index_buf[item + 5u], len));
+    }
+    var it: Item;
+    it.walk = workgroupUniformLoad(&walk);
+    let sp = workgroupUniformLoad(&span);
+    it.first = sp.x;
+    it.end = sp.y;
+    it.qt = index_buf[item];
+    it.b = index_buf[item + 2u] + wg.z;
+    it.h = wg.y;
+    it.split = index_buf[item + 3u];
+    it.z = wg.z;
+    it.nz = nwg.z;
+    it.partial_base = 0u;
+    if (PATH != 0u) {
+        it.partial_base = index_buf[P.rows_off + row * 8u + 4u];
+    }
+    return it;
+}
+
+// A key tile of the walk: its index, state (1 partial, 2 full, 3 element-masked dense) and,
+// for partial tiles, its bit slot.
+struct Tile {
+    kt: u32,
+    state: u32,
+    slot: u32,
+}
+
+fn tile_at(pos: u32, it: Item) -> Tile {
+    let w = it.walk;
+    var t = Tile(pos, 2u, 0u);
+    if (PATH == 0u) {
+        if (DENSE_MASK) {
+            t.state = 3u;
+        }
+    } else if (PATH == 1u) {
+        // w = (begin, end, full_begin, full_end)
+        if (pos < w.z) {
+            t.state = 1u;
+            t.slot = it.partial_base + (pos - w.x);
+        } else if (pos >= w.w) {
+            t.state = 1u;
+            t.slot = it.partial_base + (w.z - w.x) + (pos - w.w);
+        }
+    } else {
+        // w = (list begin, list end, full count, _)
+        t.kt = index_buf[P.cols_off + pos];
+        if (pos - w.x >= w.z) {
+            t.state = 1u;
+            t.slot = it.partial_base + (pos - w.x - w.z);
+        }
+    }
+    return t;
+}
+
+// The token at position `i` of the (possibly reordered) sequence.
+fn token(i: u32) -> u32 {
+    if (PERMUTED) {
+        return index_buf[P.perm_off + i];
+    }
+    return i;
+}
+
+// Whether `key` (absolute, in range) is allowed for row `r` of query tile `it.qt` in tile `t`.
+fn allowed(t: Tile, it: Item, r: u32, key: u32) -> bool {
+    if (t.state == 2u) {
+        return true;
+    }
+    if (t.state == 1u) {
+        let col = key % BC;
+        let w = t.slot * BR * (BC / 32u) + r * (BC / 32u) + col / 32u;
+        return ((bits_buf[w] >> (col % 32u)) & 1u) != 0u;
+    }
+    let w = it.b * P.mask_batch_stride + (it.qt * BR + r) * P.words_per_row + key / 32u;
+    return ((bits_buf[w] >> (key % 32u)) & 1u) != 0u;
+}
+
+// Where row `r` of the item's query tile goes: an output row, or a split part.
+fn dest_row(it: Item, r: u32) -> u32 {
+    if (it.split != NO_SPLIT) {
+        return ((it.split * it.nz + it.z) * P.heads + it.h) * BR + r;
+    }
+    return (it.b * P.heads + it.h) * P.seq_q + token(it.qt * BR + r);
+}
+
+// Stores column `c` of normalised output row `r` (row index from dest_row).
+fn store_o(it: Item, dest: u32, c: u32, value: f32) {
+    if (it.split != NO_SPLIT) {
+        scratch[dest * D + c] = value;
+    } else {
+        o_buf[dest * D + c] = Elem(value);
+    }
+}
+
+// Stores the log-sum-exp of row `dest` from the running max `m` (log2 units) and sum `l`.
+fn store_lse(it: Item, dest: u32, m: f32, l: f32) {
+    if (it.split != NO_SPLIT) {
+        scratch[P.scratch_lse_off + dest] = select(NEG, m + log2(l), l > 0.0);
+    } else if (WRITE_LSE) {
+        var lse = bitcast<f32>(P.neg_inf_bits);
+        if (l > 0.0) {
+            lse = (m + log2(l)) * LN2;
+        }
+        lse_buf[dest] = lse;
+    }
+}
+
+// Combines the parts of split query tiles: merge item = (query tile, batch base, first slot,
+// slot count); one workgroup per (merge item, head, z).
+@compute @workgroup_size(THREADS)
+fn merge(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let m = P.merge_off + wg.x * 4u;
+    let qt = index_buf[m];
+    let b = index_buf[m + 1u] + wg.z;
+    let s0 = index_buf[m + 2u];
+    let ns = index_buf[m + 3u];
+    let h = wg.y;
+    for (var e = lid; e < BR * D; e += THREADS) {
+        let r = e / D;
+        let c = e % D;
+        let qrow = qt * BR + r;
+        if (qrow >= P.seq_q) {
+            continue;
+        }
+        var mx = NEG;
+        for (var s = s0; s < s0 + ns; s++) {
+            mx = max(mx, scratch[P.scratch_lse_off + ((s * nwg.z + wg.z) * P.heads + h) * BR + r]);
+        }
+        var big_l = 0.0;
+        var o = 0.0;
+        for (var s = s0; s < s0 + ns; s++) {
+            let part = ((s * nwg.z + wg.z) * P.heads + h) * BR + r;
+            let ls = scratch[P.scratch_lse_off + part];
+            if (ls > NEG_CUT) {
+                let wt = exp2(ls - mx);
+                big_l += wt;
+                o += wt * scratch[part * D + c];
+            }
+        }
+        let out_row = (b * P.heads + h) * P.seq_q + token(qrow);
+        o_buf[out_row * D + c] = Elem(select(0.0, o / big_l, big_l > 0.0));
+        if (WRITE_LSE && c == 0u) {
+            var lse = bitcast<f32>(P.neg_inf_bits);
+            if (big_l > 0.0) {
+                lse = (mx + log2(big_l)) * LN2;
+            }
+            lse_buf[out_row] = lse;
+        }
+    }
+}
