@@ -2,7 +2,8 @@
 // arithmetic on f32 or f16 storage (`Elem`). Needs common.wgsl (walk, masks, stores, merge).
 //
 // Thread layout: THREADS = TY x TX. Thread (ty, tx) owns query rows ty + TY*i (i < TM) and, for
-// the scores, key columns tx + TX*j (j < BC/TX); for the output, head-dim columns tx + TX*o.
+// the scores, key columns tx + TX*j (j < BC/TX); for the output, the head-dim columns of vec4
+// groups tx + TX*o (o < D/(4 TX)).
 // Scores are kept in log2 units: Q is pre-scaled by scale * log2(e) when loaded.
 
 override DC: u32 = 64u;        // head-dim chunk of K/V held in workgroup memory (divides D)
@@ -10,7 +11,7 @@ override TX: u32 = 8u;         // threads per row group; TY = THREADS / TX
 
 const TM_CAP: u32 = 8u;        // max rows per thread (BR / TY)
 const S_CAP: u32 = 32u;        // max scores per thread (TM * BC / TX)
-const ACC_CAP: u32 = 64u;      // max output accumulators per thread (TM * D / TX)
+const ACC_CAP: u32 = 16u;      // max output vec4 accumulators per thread (TM * D / (4 TX))
 
 @group(0) @binding(1) var<storage, read> q_buf: array<vec4<Elem>>;
 @group(0) @binding(2) var<storage, read> k_buf: array<vec4<Elem>>;
@@ -42,11 +43,6 @@ fn load_kv(from_v: bool, head_base: u32, key0: u32, c0: u32, lid: u32) {
     }
 }
 
-// One element of the V chunk in kv_tile.
-fn v_at(j: u32, c: u32) -> f32 {
-    return kv_tile[j * (DC / 4u + 1u) + c / 4u][c % 4u];
-}
-
 @compute @workgroup_size(THREADS)
 fn main(
     @builtin(workgroup_id) wg: vec3<u32>,
@@ -56,7 +52,7 @@ fn main(
     let TY = THREADS / TX;
     let TM = BR / TY;
     let SN = BC / TX;
-    let ON = D / TX;
+    let ON = D / (4u * TX);
     let tx = lid % TX;
     let ty = lid / TX;
 
@@ -79,13 +75,13 @@ fn main(
 
     var m_i: array<f32, TM_CAP>;
     var l_i: array<f32, TM_CAP>;
-    var acc: array<f32, ACC_CAP>;
+    var acc: array<vec4<f32>, ACC_CAP>;
     for (var i = 0u; i < TM; i++) {
         m_i[i] = NEG;
         l_i[i] = 0.0;
     }
     for (var a = 0u; a < TM * ON; a++) {
-        acc[a] = 0.0;
+        acc[a] = vec4<f32>(0.0);
     }
 
     let kv_head = (b * (P.heads / P.group) + hk) * P.seq_k * (D / 4u);
@@ -165,8 +161,8 @@ fn main(
             for (var j = 0u; j < BC; j++) {
                 for (var i = 0u; i < TM; i++) {
                     let p = p_tile[(ty + TY * i) * BC + j];
-                    for (var o = c0 / TX; o < (c0 + DC) / TX; o++) {
-                        acc[i * ON + o] += p * v_at(j, tx + TX * o - c0);
+                    for (var o = c0 / (4u * TX); o < (c0 + DC) / (4u * TX); o++) {
+                        acc[i * ON + o] += p * kv_tile[j * (DC / 4u + 1u) + tx + TX * o - c0 / 4u];
                     }
                 }
             }
@@ -191,7 +187,12 @@ fn main(
         let inv = select(0.0, 1.0 / l, l > 0.0);
         let dest = dest_row(it, r);
         for (var o = 0u; o < ON; o++) {
-            store_o(it, dest, tx + TX * o, acc[i * ON + o] * inv);
+            let v = acc[i * ON + o] * inv;
+            let c = 4u * (tx + TX * o);
+            store_o(it, dest, c, v.x);
+            store_o(it, dest, c + 1u, v.y);
+            store_o(it, dest, c + 2u, v.z);
+            store_o(it, dest, c + 3u, v.w);
         }
         if (tx == 0u) {
             store_lse(it, dest, m_i[i], l);

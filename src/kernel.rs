@@ -100,7 +100,7 @@ impl std::str::FromStr for Path {
 // Capacities of the per-thread arrays in the shader (TM_CAP, S_CAP, ACC_CAP).
 const TM_CAP: usize = 8;
 const S_CAP: usize = 32;
-const ACC_CAP: usize = 64;
+const ACC_CAP: usize = 16;
 
 /// A tile configuration of the kernel: `tile_rows` × `tile_cols` tiles, a head-dim chunk of
 /// `dc` columns of K/V in workgroup memory, and a `tx` × `ty` thread grid.
@@ -159,9 +159,9 @@ impl KernelConfig {
             && bc % 32 == 0
             && bc % tx == 0
             && tm * (bc / tx) <= S_CAP
-            && d % tx == 0
-            && tm * (d / tx) <= ACC_CAP
-            && dc % tx == 0
+            && d.is_multiple_of(4 * tx)
+            && tm * (d / (4 * tx)) <= ACC_CAP
+            && dc.is_multiple_of(4 * tx)
             && dc % 4 == 0
             && d % dc == 0
             && self.threads() <= limits.max_compute_invocations_per_workgroup as usize

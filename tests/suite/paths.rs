@@ -169,7 +169,7 @@ fn paths_agree_with_each_other_bit_for_bit_on_full_tiles() {
     let shape = Shape::new(1, 2, n, 64);
     let (q, k, v) = inputs(&mut rng, &shape);
     let run = |path| {
-        let plan = Plan::new(gpu(), shape, Some(&mask), forced(path, Some((32, 64)))).unwrap();
+        let plan = Plan::new(gpu(), shape, Some(&mask), forced(path, Some((32, 32)))).unwrap();
         run_poisoned(&plan, &q, &k, &v)
     };
     let (a, b) = (run(Path::RunLength), run(Path::Sparse));

@@ -1,0 +1,222 @@
+//! `blockflash bench` and the main job: masked against dense attention over mask kinds, timed
+//! (medians after a warm-up of two), verified on sampled rows, printed as a markdown table and
+//! optionally written as JSON lines.
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::PathBuf;
+
+use blockflash::suite::{run_case, CaseResult, Measure, FAMILIES};
+use blockflash::timing::Clock;
+use blockflash::{Error, Gpu, PlanOptions, Result, Shape};
+use clap::{Args, Parser};
+use serde_json::json;
+
+use super::generate::{self, GeneratorArgs};
+use super::{parse_tile, PathArg, Precision};
+
+/// Largest sampled relative error that passes verification.
+const TOLERANCE: f64 = 1e-4;
+
+/// Arguments of `blockflash bench`; every size defaults to one that suits the adapter.
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// Mask kind (see `blockflash mask --help`), or "all" for the suite's eight families.
+    #[arg(long, value_name = "KIND|all", default_value = "all")]
+    pub mask: String,
+    /// Sequence length N [default: 1024 on a CPU adapter, 8192 on a GPU].
+    #[arg(long, value_name = "N")]
+    pub seq: Option<usize>,
+    /// Batch size [default: 1 on a CPU adapter, 2 on a GPU].
+    #[arg(long, value_name = "B")]
+    pub batch: Option<usize>,
+    /// Query heads [default: 4 on a CPU adapter, 16 on a GPU].
+    #[arg(long, value_name = "H")]
+    pub heads: Option<usize>,
+    /// Key/value heads, dividing --heads [default: as many as --heads].
+    #[arg(long, value_name = "H")]
+    pub kv_heads: Option<usize>,
+    /// Head dimension: 32, 64, 96, 128 or 256.
+    #[arg(long, value_name = "D", default_value_t = 64)]
+    pub head_dim: usize,
+    /// Kernel precision tier; auto and f32 run the portable f32 kernel.
+    #[arg(long, value_enum, default_value_t)]
+    pub precision: Precision,
+    /// Dispatch path of the masked plan (the baseline is always the dense plan without a mask).
+    #[arg(long, value_enum, default_value_t)]
+    pub path: PathArg,
+    /// Force a tile shape, query rows x key columns (default: the plan picks).
+    #[arg(long, value_name = "RxC", value_parser = parse_tile)]
+    pub tile: Option<(usize, usize)>,
+    /// Timed runs per plan after two warm-up runs; the median is reported.
+    #[arg(long, value_name = "K", default_value_t = 5)]
+    pub repeat: usize,
+    /// Output rows checked against the f64 CPU reference per case.
+    #[arg(long, value_name = "ROWS", default_value_t = 64)]
+    pub samples: usize,
+    /// Write one JSON object per case to FILE (JSON lines), as each case finishes.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    #[command(flatten)]
+    pub generator: GeneratorArgs,
+}
+
+impl BenchArgs {
+    /// The arguments of `blockflash bench` without flags: what the main job runs.
+    pub fn defaults() -> BenchArgs {
+        #[derive(Parser)]
+        struct Bare {
+            #[command(flatten)]
+            args: BenchArgs,
+        }
+        Bare::parse_from(["bench"]).args
+    }
+}
+
+/// Seed of the random Q, K, V.
+const INPUT_SEED: u64 = 11;
+
+/// Prints a markdown table of suite results.
+fn print_table(rows: &[CaseResult]) {
+    println!(
+        "| mask | active | path | tile | dense ms | masked ms | speedup | ideal | TFLOP/s | max err |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    for r in rows {
+        println!(
+            "| {} | {:.3} | {} | {}x{} | {:.3} | {:.3} | {:.2}x | {:.2}x | {:.3} | {:.1e} |",
+            r.mask,
+            r.active_tiles,
+            r.path,
+            r.tile.0,
+            r.tile.1,
+            r.ms_dense,
+            r.ms_masked,
+            r.speedup,
+            r.ideal_speedup,
+            r.tflops,
+            r.max_rel_error
+        );
+    }
+}
+
+/// One JSON row of a case.
+fn json_row(gpu: &Gpu, r: &CaseResult, precision: Precision) -> serde_json::Value {
+    let s = r.shape;
+    let info = gpu.adapter_info();
+    json!({
+        "mask": r.mask,
+        "seq": s.seq_q,
+        "batch": s.batch,
+        "heads": s.heads,
+        "kv_heads": s.kv_heads,
+        "head_dim": s.head_dim,
+        "precision": precision.run_as(),
+        "tier": gpu.best_tier().to_string(),
+        "path": r.path.to_string(),
+        "tile": format!("{}x{}", r.tile.0, r.tile.1),
+        "active_tiles": r.active_tiles,
+        "ms_dense": r.ms_dense,
+        "ms_masked": r.ms_masked,
+        "speedup": r.speedup,
+        "ideal_speedup": r.ideal_speedup,
+        "tflops": r.tflops,
+        "max_rel_error": r.max_rel_error,
+        "ms_plan": r.ms_plan,
+        "clock": match r.clock {
+            Clock::Timestamps => "gpu-timestamps",
+            Clock::WallClock => "wall-clock",
+        },
+        "adapter": info.name,
+        "backend": format!("{:?}", info.backend),
+        "driver": format!("{} {}", info.driver, info.driver_info).trim().to_string(),
+    })
+}
+
+/// Runs `blockflash bench` (and, with default arguments, the main job).
+pub fn run(args: &BenchArgs) -> Result<()> {
+    args.precision.check()?;
+    let kinds: Vec<&str> = if args.mask == "all" {
+        args.generator.only(&["--seed"], "--mask all")?;
+        FAMILIES.to_vec()
+    } else {
+        vec![args.mask.as_str()]
+    };
+    // Open the JSON file first: a bad path fails before minutes of work.
+    let mut json = match &args.json {
+        Some(p) => Some(BufWriter::new(File::create(p).map_err(|e| {
+            Error::Io(format!("{}: cannot write: {e}", p.display()))
+        })?)),
+        None => None,
+    };
+    let gpu = Gpu::new()?;
+    let cpu = gpu.is_cpu();
+    let seq = args.seq.unwrap_or(if cpu { 1024 } else { 8192 });
+    let heads = args.heads.unwrap_or(if cpu { 4 } else { 16 });
+    let shape = Shape {
+        batch: args.batch.unwrap_or(if cpu { 1 } else { 2 }),
+        heads,
+        kv_heads: args.kv_heads.unwrap_or(heads),
+        seq_q: seq,
+        seq_k: seq,
+        head_dim: args.head_dim,
+    };
+    shape.validate()?;
+    let options = PlanOptions {
+        path: args.path.forced(),
+        tile: args.tile,
+        ..Default::default()
+    };
+    let measure = Measure {
+        repeats: args.repeat.max(1),
+        samples: args.samples,
+        seed: INPUT_SEED,
+    };
+    eprintln!(
+        "blockflash on {} ({:?}), tier {}: B={} H={} Hkv={} N={seq} d={}, {} timed runs",
+        gpu.adapter_info().name,
+        gpu.adapter_info().backend,
+        gpu.best_tier(),
+        shape.batch,
+        shape.heads,
+        shape.kv_heads,
+        shape.head_dim,
+        measure.repeats,
+    );
+    let mut rows = Vec::new();
+    for (i, kind) in kinds.iter().enumerate() {
+        eprint!("[{}/{}] {kind} ...", i + 1, kinds.len());
+        std::io::stderr().flush().ok();
+        let mask = generate::spec(kind, seq, &args.generator)?.mask()?;
+        let r = run_case(&gpu, kind, shape, &mask, &options, measure)?;
+        eprintln!(
+            " dense {:.3} ms, masked {:.3} ms ({:.2}x)",
+            r.ms_dense, r.ms_masked, r.speedup
+        );
+        if let Some(out) = json.as_mut() {
+            writeln!(out, "{}", json_row(&gpu, &r, args.precision))
+                .and_then(|()| out.flush())
+                .map_err(|e| Error::Io(format!("writing the JSON rows: {e}")))?;
+        }
+        rows.push(r);
+    }
+    print_table(&rows);
+    // NaN (an unwritten or poisoned element) fails too.
+    let worst = rows.iter().map(|r| r.max_rel_error).fold(0.0, |a: f64, e| {
+        if a.is_nan() || e.is_nan() {
+            f64::NAN
+        } else {
+            a.max(e)
+        }
+    });
+    if !(worst <= TOLERANCE) {
+        return Err(Error::Device(format!(
+            "verification failed: max relative error {worst:e} (tolerance {TOLERANCE:e})"
+        )));
+    }
+    println!(
+        "all {} cases verified against the f64 reference",
+        rows.len()
+    );
+    Ok(())
+}

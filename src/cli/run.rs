@@ -1,0 +1,209 @@
+//! `blockflash run`: attention on Q, K, V (and a mask) read from `.npy` or `.safetensors` files,
+//! with O and the log-sum-exp written back as float32.
+
+use std::path::{Path as FsPath, PathBuf};
+use std::time::Instant;
+
+use blockflash::{Error, Gpu, Mask, Plan, PlanOptions, Result, Shape};
+use clap::Args;
+
+use super::io::{self, dims, Format, Tensor};
+use super::{parse_tile, PathArg, Precision};
+
+/// Arguments of `blockflash run`.
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// Queries Q [B, H, Nq, d], float32 or float16 (.npy).
+    #[arg(long, value_name = "FILE", required_unless_present = "inputs", requires_all = ["k", "v"])]
+    pub q: Option<PathBuf>,
+    /// Keys K [B, Hkv, Nk, d]; Hkv divides H (grouped-query attention).
+    #[arg(long, value_name = "FILE", requires = "q")]
+    pub k: Option<PathBuf>,
+    /// Values V [B, Hkv, Nk, d].
+    #[arg(long, value_name = "FILE", requires = "q")]
+    pub v: Option<PathBuf>,
+    /// Mask, bool or uint8 (true/nonzero = may attend): [Nq, Nk] shared by the batch, or
+    /// [B, Nq, Nk] (also [B, 1, Nq, Nk]) one per batch element. Without it: no mask.
+    #[arg(long, value_name = "FILE", requires = "q")]
+    pub mask: Option<PathBuf>,
+    /// One .safetensors file holding tensors "q", "k", "v" and optionally "mask" (F32, F16 or
+    /// BF16; mask BOOL or U8), instead of --q/--k/--v/--mask.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["q", "k", "v", "mask"])]
+    pub inputs: Option<PathBuf>,
+    /// Output O [B, H, Nq, d] as float32: .npy, or .safetensors (tensor "o").
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
+    /// Also write the log-sum-exp [B, H, Nq] as float32 (natural log, -inf for rows that see no
+    /// key): .npy, or .safetensors (tensor "lse").
+    #[arg(long, value_name = "FILE")]
+    pub lse: Option<PathBuf>,
+    /// Softmax scale (default 1/sqrt(d)).
+    #[arg(long, value_name = "S")]
+    pub scale: Option<f32>,
+    /// Dispatch path: auto picks with the cost model; forcing runlength on a mask that is not
+    /// run-length eligible is an error.
+    #[arg(long, value_enum, default_value_t)]
+    pub path: PathArg,
+    /// Kernel precision tier; auto and f32 run the portable f32 kernel (float16 inputs are
+    /// widened to f32).
+    #[arg(long, value_enum, default_value_t)]
+    pub precision: Precision,
+    /// Force a tile shape, query rows x key columns (default: the plan picks).
+    #[arg(long, value_name = "RxC", value_parser = parse_tile)]
+    pub tile: Option<(usize, usize)>,
+}
+
+/// Q, K, V (as f32) and the mask of one run, with the shape they make.
+struct Inputs {
+    shape: Shape,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    mask: Option<Mask>,
+}
+
+/// The four dimensions of `t`, or an error that names `what` and its expected layout.
+fn rank4(t: &Tensor, what: &str, layout: &str) -> Result<[usize; 4]> {
+    <[usize; 4]>::try_from(t.shape.as_slice()).map_err(|_| {
+        Error::Io(format!(
+            "{} ({what}): expected 4 dimensions {layout}, got shape {}",
+            t.source,
+            dims(&t.shape)
+        ))
+    })
+}
+
+/// Checks the shapes of Q, K, V against each other and builds the problem shape.
+fn shape_of(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Shape> {
+    let [b, h, nq, d] = rank4(q, "q", "[B, H, Nq, d]")?;
+    let kd = rank4(k, "k", "[B, Hkv, Nk, d]")?;
+    let vd = rank4(v, "v", "[B, Hkv, Nk, d]")?;
+    if kd != vd {
+        return Err(Error::ShapeMismatch {
+            what: "k and v",
+            expected: format!("the same shape (k is {})", dims(&kd)),
+            got: format!("v {}", dims(&vd)),
+        });
+    }
+    let [kb, hkv, nk, kdim] = kd;
+    if kb != b || kdim != d {
+        return Err(Error::ShapeMismatch {
+            what: "k and v",
+            expected: format!("[{b}, Hkv, Nk, {d}] (q's batch and head dim)"),
+            got: dims(&kd),
+        });
+    }
+    Ok(Shape {
+        batch: b,
+        heads: h,
+        kv_heads: hkv,
+        seq_q: nq,
+        seq_k: nk,
+        head_dim: d,
+    })
+}
+
+fn load(args: &RunArgs) -> Result<Inputs> {
+    let (q, k, v, mask) = match &args.inputs {
+        Some(path) => {
+            if Format::of(path)? != Format::Safetensors {
+                return Err(Error::Io(format!(
+                    "{}: --inputs takes a .safetensors file",
+                    path.display()
+                )));
+            }
+            let mut all = io::read_safetensors(path)?;
+            let mut take = |name: &str| {
+                all.remove(name).ok_or_else(|| {
+                    Error::Io(format!("{}: no tensor named {name:?}", path.display()))
+                })
+            };
+            let (q, k, v) = (take("q")?, take("k")?, take("v")?);
+            (q, k, v, take("mask").ok())
+        }
+        None => {
+            let read = |p: &Option<PathBuf>, name: &str| {
+                io::read_tensor(p.as_deref().expect("clap requires --q, --k, --v"), name)
+            };
+            let mask = match &args.mask {
+                Some(p) => Some(io::read_tensor(p, "mask")?),
+                None => None,
+            };
+            (
+                read(&args.q, "q")?,
+                read(&args.k, "k")?,
+                read(&args.v, "v")?,
+                mask,
+            )
+        }
+    };
+    let shape = shape_of(&q, &k, &v)?;
+    Ok(Inputs {
+        shape,
+        q: q.to_f32("q")?,
+        k: k.to_f32("k")?,
+        v: v.to_f32("v")?,
+        mask: mask.map(|m| m.to_mask()).transpose()?,
+    })
+}
+
+/// Runs `blockflash run`.
+pub fn run(args: &RunArgs) -> Result<()> {
+    args.precision.check()?;
+    // Refuse unknown output types before any work.
+    Format::of(&args.out)?;
+    if let Some(p) = &args.lse {
+        Format::of(p)?;
+    }
+    let t0 = Instant::now();
+    let inputs = load(args)?;
+    let s = inputs.shape;
+    eprintln!(
+        "read B={} H={} Hkv={} Nq={} Nk={} d={}{} in {:.0} ms",
+        s.batch,
+        s.heads,
+        s.kv_heads,
+        s.seq_q,
+        s.seq_k,
+        s.head_dim,
+        match &inputs.mask {
+            Some(m) if m.is_per_batch() => " with a per-batch mask",
+            Some(_) => " with a mask",
+            None => "",
+        },
+        t0.elapsed().as_secs_f64() * 1e3
+    );
+    let gpu = Gpu::new()?;
+    let options = PlanOptions {
+        scale: args.scale,
+        path: args.path.forced(),
+        tile: args.tile,
+        write_lse: args.lse.is_some(),
+        ..Default::default()
+    };
+    let plan = Plan::new(&gpu, s, inputs.mask.as_ref(), options)?;
+    eprint!("{}", plan.describe());
+    let t1 = Instant::now();
+    let out = plan.run(&inputs.q, &inputs.k, &inputs.v)?;
+    eprintln!(
+        "ran on {} in {:.1} ms (with transfers)",
+        gpu.adapter_info().name,
+        t1.elapsed().as_secs_f64() * 1e3
+    );
+    write(
+        &args.out,
+        "o",
+        &[s.batch, s.heads, s.seq_q, s.head_dim],
+        &out.o,
+    )?;
+    if let Some(p) = &args.lse {
+        write(p, "lse", &[s.batch, s.heads, s.seq_q], &out.lse)?;
+    }
+    Ok(())
+}
+
+fn write(path: &FsPath, name: &str, shape: &[usize], data: &[f32]) -> Result<()> {
+    io::write_f32(path, name, shape, data)?;
+    println!("wrote {name} {} to {}", dims(shape), path.display());
+    Ok(())
+}
