@@ -6,7 +6,7 @@ use std::fmt;
 use std::ops::Range;
 
 use crate::error::{Error, Result};
-use crate::mask::{mask_geometry, set_bit_range, tail_bits, Mask};
+use crate::mask::{mask_geometry, set_bit_range, set_strided, tail_bits, Mask};
 
 /// State of one (query tile, key tile) pair.
 #[repr(u8)]
@@ -479,6 +479,104 @@ impl BlockMask {
                     let dst = &mut bits[p * slot_words + i * wpt..][..wpt];
                     for &(s, e) in row[j..].iter().take_while(|&&(s, _)| s < hi) {
                         set_bit_range(dst, s.max(lo) - lo, e.min(hi) - lo);
+                    }
+                }
+            }
+        }
+        Ok(asm.bm)
+    }
+
+    /// The block mask of the `seq_q × seq_k` mask whose row `q` allows the keys
+    /// `r.start, r.start + step, ..` below `r.end` (clipped to `seq_k`) for `r = rows(q)`: the fast
+    /// path of dilated windows, whose rows are one such progression rather than a few intervals.
+    pub(crate) fn from_strided_rows(
+        seq_q: usize,
+        seq_k: usize,
+        tile_rows: usize,
+        tile_cols: usize,
+        step: usize,
+        rows: impl Fn(usize) -> Range<usize>,
+    ) -> Result<BlockMask> {
+        check_tiles(tile_rows, tile_cols)?;
+        mask_geometry(seq_q, seq_k)?;
+        let mut asm = Assembler::new(seq_q, seq_k, tile_rows, tile_cols, 1);
+        let (k_tiles, slot_words, wpt) = (asm.bm.k_tiles, asm.slot_words, tile_cols / 32);
+        let tiles = TileWidth::new(tile_cols);
+        // Each row's keys as (first, last + 1), empty rows as (0, 0).
+        let mut keys: Vec<(usize, usize)> = Vec::with_capacity(tile_rows);
+        let (mut touched, mut covered) = (vec![0i32; k_tiles + 1], vec![0i32; k_tiles + 1]);
+        let mut states = vec![TileState::Empty; k_tiles];
+        for q0 in (0..seq_q).step_by(tile_rows) {
+            let q1 = (q0 + tile_rows).min(seq_q);
+            keys.clear();
+            touched.fill(0);
+            covered.fill(0);
+            for q in q0..q1 {
+                let r = rows(q);
+                let end = r.end.min(seq_k);
+                if r.start >= end {
+                    keys.push((0, 0));
+                    continue;
+                }
+                let last = r.start + (end - 1 - r.start) / step * step;
+                keys.push((r.start, last + 1));
+                // With step <= tile_cols every tile between the first and the last key holds a
+                // key, so the row touches the tiles of that span; else each key's tile.
+                if step <= tile_cols {
+                    touched[tiles.tile_of(r.start)] += 1;
+                    touched[tiles.tile_of(last) + 1] -= 1;
+                } else {
+                    for k in (r.start..end).step_by(step) {
+                        touched[tiles.tile_of(k)] += 1;
+                        touched[tiles.tile_of(k) + 1] -= 1;
+                    }
+                }
+                // A row covers a tile if it holds all its in-range keys: for step > 1 only a last
+                // tile with a single in-range key can be covered.
+                let (full_begin, full_end) = if step == 1 {
+                    let fe = if end == seq_k {
+                        k_tiles
+                    } else {
+                        tiles.tile_of(end)
+                    };
+                    (tiles.tile_of(r.start + tile_cols - 1), fe)
+                } else if seq_k % tile_cols == 1 && last == seq_k - 1 {
+                    (k_tiles - 1, k_tiles)
+                } else {
+                    (0, 0)
+                };
+                if full_begin < full_end {
+                    covered[full_begin] += 1;
+                    covered[full_end] -= 1;
+                }
+            }
+            let (mut t, mut c) = (0, 0);
+            for kt in 0..k_tiles {
+                t += touched[kt];
+                c += covered[kt];
+                states[kt] = if c == (q1 - q0) as i32 {
+                    TileState::Full
+                } else if t > 0 {
+                    TileState::Partial
+                } else {
+                    TileState::Empty
+                };
+            }
+            let partial = asm.push_row(&states);
+            let bm = &mut asm.bm;
+            let base = bm.partial_bits.len();
+            bm.partial_bits.resize(base + partial.len() * slot_words, 0);
+            let (kts, bits) = (&bm.cols[partial], &mut bm.partial_bits[base..]);
+            for (p, &kt) in kts.iter().enumerate() {
+                let lo = kt as usize * tile_cols;
+                let hi = (lo + tile_cols).min(seq_k);
+                for (i, &(first, end)) in keys.iter().enumerate() {
+                    // The row's first key at or after the tile's start.
+                    let first = first + lo.saturating_sub(first).div_ceil(step) * step;
+                    let end = end.min(hi);
+                    if first < end {
+                        let dst = &mut bits[p * slot_words + i * wpt..][..wpt];
+                        set_strided(dst, first - lo, end - lo, step);
                     }
                 }
             }

@@ -5,19 +5,51 @@ use std::fmt;
 use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
-use crate::kernel::PipelineCache;
+use crate::kernel::{DType, PipelineCache};
 
 /// A kernel tier: how Q, K, V are stored and which hardware paths the kernel uses.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Tier {
     /// f32 storage and arithmetic, no optional features; runs on every adapter.
     PortableF32,
+    /// f16 storage, f32 arithmetic (`SHADER_F16`).
+    PortableF16,
+    /// f16 storage, Q·Kᵀ and P·V on tensor cores through cooperative matrices
+    /// (16×16×16, f16 operands, f32 accumulators), softmax in f32.
+    TensorCore,
+}
+
+impl Tier {
+    /// Storage type of Q, K, V and O in this tier.
+    pub fn dtype(self) -> DType {
+        match self {
+            Tier::PortableF32 => DType::F32,
+            Tier::PortableF16 | Tier::TensorCore => DType::F16,
+        }
+    }
 }
 
 impl fmt::Display for Tier {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Tier::PortableF32 => f.write_str("portable-f32"),
+        f.write_str(match self {
+            Tier::PortableF32 => "portable-f32",
+            Tier::PortableF16 => "portable-f16",
+            Tier::TensorCore => "tensor-core-f16",
+        })
+    }
+}
+
+impl std::str::FromStr for Tier {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Tier> {
+        match s {
+            "portable-f32" | "f32" => Ok(Tier::PortableF32),
+            "portable-f16" => Ok(Tier::PortableF16),
+            "tensor-core-f16" | "tensor-core" => Ok(Tier::TensorCore),
+            _ => Err(Error::InvalidArgument {
+                what: "tier",
+                why: format!("{s:?} is not one of portable-f32, portable-f16, tensor-core-f16"),
+            }),
         }
     }
 }
@@ -177,9 +209,50 @@ impl Gpu {
         self.info.device_type == wgpu::DeviceType::Cpu
     }
 
-    /// The best tier this device can run.
+    /// Whether this device can run `tier`, and if not, why.
+    pub fn supports(&self, tier: Tier) -> Result<()> {
+        let f = self.features();
+        match tier {
+            Tier::PortableF32 => Ok(()),
+            Tier::PortableF16 if f.contains(wgpu::Features::SHADER_F16) => Ok(()),
+            Tier::PortableF16 => Err(Error::TierUnavailable(
+                "portable-f16 needs SHADER_F16, which this device lacks".into(),
+            )),
+            Tier::TensorCore => {
+                let has = f.contains(wgpu::Features::SHADER_F16)
+                    && self.coop_matrix.iter().any(|c| {
+                        (c.m_size, c.n_size, c.k_size) == (16, 16, 16)
+                            && c.ab_type == wgpu::CooperativeScalarType::F16
+                            && c.cr_type == wgpu::CooperativeScalarType::F32
+                    });
+                if has {
+                    Ok(())
+                } else {
+                    Err(Error::TierUnavailable(
+                        "tensor-core-f16 needs cooperative matrices 16x16x16 with f16 operands \
+                         and f32 accumulators, which this adapter does not report"
+                            .into(),
+                    ))
+                }
+            }
+        }
+    }
+
+    /// The tier that runs inputs stored as `dtype`: tensor cores > portable f16 for f16,
+    /// portable f32 for f32.
+    pub fn tier_for(&self, dtype: DType) -> Result<Tier> {
+        match dtype {
+            DType::F32 => Ok(Tier::PortableF32),
+            DType::F16 => self
+                .supports(Tier::TensorCore)
+                .map(|_| Tier::TensorCore)
+                .or_else(|_| self.supports(Tier::PortableF16).map(|_| Tier::PortableF16)),
+        }
+    }
+
+    /// The fastest tier this device can run (for f16 inputs where it has f16).
     pub fn best_tier(&self) -> Tier {
-        Tier::PortableF32
+        self.tier_for(DType::F16).unwrap_or(Tier::PortableF32)
     }
 
     /// The compiled kernels of this device.
@@ -255,7 +328,13 @@ impl Gpu {
                 );
             }
         }
-        s += &format!("kernel tier:    {}\n", self.best_tier());
+        s += &format!(
+            "kernel tier:    {} for f16 inputs, {} for f32 inputs\n",
+            self.tier_for(DType::F16)
+                .map(|t| t.to_string())
+                .unwrap_or_else(|_| "none".into()),
+            Tier::PortableF32
+        );
         s
     }
 }

@@ -6,11 +6,14 @@ use std::fmt;
 use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
+use crate::gpu::Tier;
 
 /// WGSL shared by every kernel: walk, masks, stores, split-KV merge.
 pub const COMMON_WGSL: &str = include_str!("../shaders/common.wgsl");
 /// WGSL of the portable kernel (all paths and tile shapes, f32 or f16 storage).
 pub const ATTENTION_WGSL: &str = include_str!("../shaders/attention.wgsl");
+/// WGSL of the tensor-core kernel (cooperative matrices, f16 storage).
+pub const ATTENTION_COOP_WGSL: &str = include_str!("../shaders/attention_coop.wgsl");
 
 /// Storage type of Q, K, V and O.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -30,6 +33,35 @@ impl DType {
             DType::F16 => 2,
         }
     }
+
+    /// Bytes of `n` elements, rounded up to wgpu's 4-byte copy alignment.
+    pub fn bytes(self, n: usize) -> u64 {
+        (n * self.size()).next_multiple_of(4) as u64
+    }
+
+    /// `data` converted to this type (f16: rounded to nearest), as bytes padded to 4.
+    pub fn encode(self, data: &[f32]) -> Vec<u8> {
+        let mut out = match self {
+            DType::F32 => bytemuck::cast_slice(data).to_vec(),
+            DType::F16 => data
+                .iter()
+                .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
+                .collect(),
+        };
+        out.resize(out.len().next_multiple_of(4), 0);
+        out
+    }
+
+    /// The first `n` elements of `bytes` as f32.
+    pub fn decode(self, bytes: &[u8], n: usize) -> Vec<f32> {
+        match self {
+            DType::F32 => bytemuck::cast_slice(&bytes[..n * 4]).to_vec(),
+            DType::F16 => bytes[..n * 2]
+                .chunks_exact(2)
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+        }
+    }
 }
 
 impl fmt::Display for DType {
@@ -41,14 +73,18 @@ impl fmt::Display for DType {
     }
 }
 
-/// The WGSL module of a kernel: a prologue for the storage type, then the shared code and the
-/// kernel's own.
-pub fn module_source(dtype: DType) -> String {
-    let prologue = match dtype {
-        DType::F32 => "alias Elem = f32;\n",
-        DType::F16 => "enable f16;\nalias Elem = f16;\n",
+/// The WGSL module of a tier: a prologue for extensions and the storage type, then the shared
+/// code and the kernel's own.
+pub fn module_source(tier: Tier) -> String {
+    let (prologue, kernel) = match tier {
+        Tier::PortableF32 => ("alias Elem = f32;\n", ATTENTION_WGSL),
+        Tier::PortableF16 => ("enable f16;\nalias Elem = f16;\n", ATTENTION_WGSL),
+        Tier::TensorCore => (
+            "enable f16;\nenable wgpu_cooperative_matrix;\nalias Elem = f16;\n",
+            ATTENTION_COOP_WGSL,
+        ),
     };
-    format!("{prologue}{COMMON_WGSL}\n{ATTENTION_WGSL}")
+    format!("{prologue}{COMMON_WGSL}\n{kernel}")
 }
 
 /// Which key tiles a workgroup walks.
@@ -97,15 +133,20 @@ impl std::str::FromStr for Path {
     }
 }
 
-// Capacities of the per-thread arrays in the shader (TM_CAP, S_CAP, ACC_CAP).
+// Capacities of the per-thread arrays in the shaders (TM_CAP, S_CAP, ACC_CAP, HALF_CAP).
 const TM_CAP: usize = 8;
+const HALF_CAP: usize = 32;
 const S_CAP: usize = 32;
 const ACC_CAP: usize = 16;
 
-/// A tile configuration of the kernel: `tile_rows` × `tile_cols` tiles, a head-dim chunk of
-/// `dc` columns of K/V in workgroup memory, and a `tx` × `ty` thread grid.
+/// A tile configuration of a kernel: its tier, `tile_rows` × `tile_cols` tiles, and its thread
+/// layout. Portable tiers hold a head-dim chunk of `dc` columns of K/V in workgroup memory and
+/// run a `tx` × `ty` thread grid; the tensor-core tier runs `tile_rows / 16` subgroups of 32
+/// (`tx` = 2 threads per row, `ty` = `tile_rows`) and holds all of d (`dc` = d).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct KernelConfig {
+    /// The kernel tier.
+    pub tier: Tier,
     /// Query rows per tile (Br).
     pub tile_rows: usize,
     /// Keys per tile (Bc), a multiple of 32.
@@ -120,8 +161,8 @@ pub struct KernelConfig {
     pub ty: usize,
 }
 
-/// Tile shapes and thread grids, fastest first where memory allows.
-const CANDIDATES: [(usize, usize, usize, usize); 8] = [
+/// Portable tile shapes and thread grids (rows, cols, tx, ty), fastest first.
+const PORTABLE: [(usize, usize, usize, usize); 8] = [
     (64, 64, 16, 16),
     (64, 32, 16, 16),
     (32, 64, 16, 8),
@@ -132,11 +173,21 @@ const CANDIDATES: [(usize, usize, usize, usize); 8] = [
     (8, 32, 8, 8),
 ];
 
+/// Tensor-core tile shapes (rows, cols), fastest first.
+const TENSOR_CORE: [(usize, usize); 6] =
+    [(64, 64), (64, 32), (32, 64), (32, 32), (16, 64), (16, 32)];
+
 impl KernelConfig {
     /// Bytes of workgroup memory the kernel declares for this configuration.
     pub fn workgroup_bytes(&self) -> usize {
-        let (br, bc) = (self.tile_rows, self.tile_cols);
-        4 * (br * self.head_dim + bc * (self.dc + 4) + br * bc + 2 * br * self.tx) + 16
+        let (br, bc, d) = (self.tile_rows, self.tile_cols, self.head_dim);
+        match self.tier {
+            Tier::PortableF32 | Tier::PortableF16 => {
+                4 * (br * d + bc * (self.dc + 4) + br * bc + 2 * br * self.tx) + 16
+            }
+            // q, kv (f16); s (f32); p (f16); o (f32); row partials; walk
+            Tier::TensorCore => 2 * br * d + 2 * bc * d + 6 * br * bc + 4 * br * d + 16 * br + 16,
+        }
     }
 
     /// Invocations per workgroup.
@@ -153,30 +204,53 @@ impl KernelConfig {
             self.tx,
             self.ty,
         );
+        let fits = self.threads() <= limits.max_compute_invocations_per_workgroup as usize
+            && self.threads() <= limits.max_compute_workgroup_size_x as usize
+            && self.workgroup_bytes() <= limits.max_compute_workgroup_storage_size as usize;
+        if self.tier == Tier::TensorCore {
+            return fits
+                && br.is_multiple_of(16)
+                && bc.is_multiple_of(32)
+                && bc / 2 <= HALF_CAP
+                && d.is_multiple_of(32)
+                && (tx, ty, dc) == (2, br, d);
+        }
         let tm = br / ty;
-        br % ty == 0
+        fits && br.is_multiple_of(ty)
             && (1..=TM_CAP).contains(&tm)
-            && bc % 32 == 0
-            && bc % tx == 0
+            && bc.is_multiple_of(32)
+            && bc.is_multiple_of(tx)
             && tm * (bc / tx) <= S_CAP
             && d.is_multiple_of(4 * tx)
             && tm * (d / (4 * tx)) <= ACC_CAP
             && dc.is_multiple_of(4 * tx)
-            && dc % 4 == 0
-            && d % dc == 0
-            && self.threads() <= limits.max_compute_invocations_per_workgroup as usize
-            && tx * ty <= limits.max_compute_workgroup_size_x as usize
-            && self.workgroup_bytes() <= limits.max_compute_workgroup_storage_size as usize
+            && d.is_multiple_of(dc)
     }
 
-    /// Every configuration that runs head dim `head_dim` within `limits`, fastest first, each
-    /// with the largest head-dim chunk that fits.
-    pub fn candidates(limits: &wgpu::Limits, head_dim: usize) -> Vec<KernelConfig> {
-        CANDIDATES
+    /// Every configuration of `tier` that runs head dim `head_dim` within `limits`, fastest
+    /// first (portable ones with the largest head-dim chunk that fits).
+    pub fn candidates(limits: &wgpu::Limits, tier: Tier, head_dim: usize) -> Vec<KernelConfig> {
+        if tier == Tier::TensorCore {
+            return TENSOR_CORE
+                .iter()
+                .map(|&(br, bc)| KernelConfig {
+                    tier,
+                    tile_rows: br,
+                    tile_cols: bc,
+                    head_dim,
+                    dc: head_dim,
+                    tx: 2,
+                    ty: br,
+                })
+                .filter(|c| c.valid(limits))
+                .collect();
+        }
+        PORTABLE
             .iter()
             .filter_map(|&(br, bc, tx, ty)| {
                 [1, 2, 3, 4, 8].iter().find_map(|&div| {
                     let c = KernelConfig {
+                        tier,
                         tile_rows: br,
                         tile_cols: bc,
                         head_dim,
@@ -188,27 +262,6 @@ impl KernelConfig {
                 })
             })
             .collect()
-    }
-
-    /// The fastest configuration for dense attention at head dim `head_dim` within `limits`.
-    pub fn choose(limits: &wgpu::Limits, head_dim: usize) -> Result<KernelConfig> {
-        Self::candidates(limits, head_dim)
-            .into_iter()
-            .next()
-            .ok_or_else(|| Error::TooLarge {
-                what: "the smallest kernel tile",
-                bytes: KernelConfig {
-                    tile_rows: 8,
-                    tile_cols: 32,
-                    head_dim,
-                    dc: 8.min(head_dim),
-                    tx: 8,
-                    ty: 8,
-                }
-                .workgroup_bytes() as u64,
-                limit_name: "max_compute_workgroup_storage_size",
-                limit: limits.max_compute_workgroup_storage_size as u64,
-            })
     }
 }
 
@@ -243,8 +296,6 @@ pub(crate) struct Variant {
     pub permuted: bool,
     /// The split-KV merge entry point instead of the attention one.
     pub merge: bool,
-    /// Storage type of Q, K, V, O.
-    pub dtype: DType,
 }
 
 /// Compiled pipelines of one device, shared by every plan on it.
@@ -255,7 +306,7 @@ pub(crate) struct PipelineCache {
 
 #[derive(Default)]
 struct CacheInner {
-    modules: HashMap<DType, wgpu::ShaderModule>,
+    modules: HashMap<Tier, wgpu::ShaderModule>,
     layout: Option<(wgpu::BindGroupLayout, wgpu::PipelineLayout)>,
     pipelines: HashMap<Variant, wgpu::ComputePipeline>,
 }
@@ -286,7 +337,7 @@ impl PipelineCache {
             .map_err(|_| Error::Device("pipeline cache poisoned".into()))?;
         let module = c
             .modules
-            .entry(variant.dtype)
+            .entry(variant.config.tier)
             .or_insert_with(|| {
                 // SAFETY: every loop of the kernels has a finite trip count (bounds come from
                 // override constants and block-mask tables the host built), so wgpu's loop
@@ -295,7 +346,9 @@ impl PipelineCache {
                     device.create_shader_module_trusted(
                         wgpu::ShaderModuleDescriptor {
                             label: Some("blockflash attention"),
-                            source: wgpu::ShaderSource::Wgsl(module_source(variant.dtype).into()),
+                            source: wgpu::ShaderSource::Wgsl(
+                                module_source(variant.config.tier).into(),
+                            ),
                         },
                         wgpu::ShaderRuntimeChecks {
                             force_loop_bounding: false,
@@ -344,18 +397,19 @@ impl PipelineCache {
             return Ok((p.clone(), bgl));
         }
         let k = variant.config;
-        let constants = [
+        let mut constants = vec![
             ("BR", k.tile_rows as f64),
             ("BC", k.tile_cols as f64),
             ("D", k.head_dim as f64),
-            ("DC", k.dc as f64),
-            ("TX", k.tx as f64),
             ("THREADS", k.threads() as f64),
             ("PATH", variant.path.code() as f64),
             ("DENSE_MASK", variant.dense_mask as u32 as f64),
             ("WRITE_LSE", variant.write_lse as u32 as f64),
             ("PERMUTED", variant.permuted as u32 as f64),
         ];
+        if k.tier != Tier::TensorCore {
+            constants.extend([("DC", k.dc as f64), ("TX", k.tx as f64)]);
+        }
         let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
         let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
             label: Some("blockflash attention"),

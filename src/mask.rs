@@ -74,6 +74,31 @@ pub(crate) fn set_bit_range(words: &mut [u32], start: usize, end: usize) {
     words[last] |= hi;
 }
 
+/// Sets bits `start, start + step, ..` below `end` of a bit-packed row (`step >= 1`). Steps below
+/// 32 write whole words from a periodic pattern, so the cost is per word rather than per bit.
+pub(crate) fn set_strided(words: &mut [u32], start: usize, end: usize, step: usize) {
+    if step == 1 {
+        return set_bit_range(words, start, end);
+    }
+    if step >= 32 {
+        for k in (start..end).step_by(step) {
+            words[k / 32] |= 1 << (k % 32);
+        }
+        return;
+    }
+    let pattern: u64 = (0..64).step_by(step).fold(0, |p, b| p | 1 << b);
+    let mut k = start;
+    while k < end {
+        let (w, word_end) = (k / 32, (k / 32 + 1) * 32);
+        let mut bits = (pattern << (k % 32)) as u32;
+        if end < word_end {
+            bits &= (1 << (end % 32)) - 1;
+        }
+        words[w] |= bits;
+        k += (word_end - k).div_ceil(step) * step;
+    }
+}
+
 /// Calls `f` with the index of every set bit of `words`, in increasing order.
 pub(crate) fn for_each_set_bit(words: &[u32], mut f: impl FnMut(usize)) {
     for (w, &word) in words.iter().enumerate() {
@@ -745,13 +770,21 @@ pub enum MaskSpec {
 /// A row generator: pushes the key ranges of query row `q` onto the vector.
 type RowFn<'a> = Box<dyn Fn(usize, &mut Vec<Range<usize>>) + 'a>;
 
-/// A validated spec, ready to build: either rows of few intervals or (for generators without that
-/// shape) the mask itself.
+/// A strided row generator: the keys of row `q` are `r.start, r.start + step, ..` below `r.end`.
+type StridedFn<'a> = Box<dyn Fn(usize) -> Range<usize> + 'a>;
+
+/// A validated spec, ready to build: rows of few intervals, rows of one key progression, or (for
+/// generators with neither shape) the mask itself.
 enum Prepared<'a> {
     Rows {
         seq_q: usize,
         seq_k: usize,
         rows: RowFn<'a>,
+    },
+    Strided {
+        seq: usize,
+        step: usize,
+        rows: StridedFn<'a>,
     },
     Bits(Mask),
 }
@@ -875,19 +908,31 @@ impl MaskSpec {
     pub fn mask(&self) -> Result<Mask> {
         match self.prepare()? {
             Prepared::Rows { seq_q, seq_k, rows } => Mask::from_row_intervals(seq_q, seq_k, rows),
+            Prepared::Strided { seq, step, rows } => {
+                let wpr = mask_geometry(seq, seq)?;
+                let mut bits = vec![0u32; seq * wpr];
+                for (q, row) in bits.chunks_exact_mut(wpr).enumerate() {
+                    let keys = rows(q);
+                    set_strided(row, keys.start, keys.end, step);
+                }
+                Ok(Mask::shared(seq, seq, bits))
+            }
             Prepared::Bits(mask) => Ok(mask),
         }
     }
 
     /// The block mask of this spec for `tile_rows × tile_cols` tiles, equal to
-    /// `BlockMask::new(&self.mask()?, tile_rows, tile_cols)`. Generators whose rows are a few key
-    /// intervals (all but [`MaskSpec::Random`], dilated windows with `dilation > 1` and trees deeper
-    /// than 64) build it from the intervals without materialising the mask.
+    /// `BlockMask::new(&self.mask()?, tile_rows, tile_cols)`. All generators but
+    /// [`MaskSpec::Random`] and trees deeper than 64 build it from each row's key intervals (or, for
+    /// dilated windows, its key progression) without materialising the mask.
     pub fn block_mask(&self, tile_rows: usize, tile_cols: usize) -> Result<BlockMask> {
         check_tiles(tile_rows, tile_cols)?;
         match self.prepare()? {
             Prepared::Rows { seq_q, seq_k, rows } => {
                 BlockMask::from_row_intervals(seq_q, seq_k, tile_rows, tile_cols, rows)
+            }
+            Prepared::Strided { seq, step, rows } => {
+                BlockMask::from_strided_rows(seq, seq, tile_rows, tile_cols, step, rows)
             }
             Prepared::Bits(mask) => BlockMask::new(&mask, tile_rows, tile_cols),
         }
@@ -937,36 +982,22 @@ impl MaskSpec {
             } => {
                 check_nonzero("window", window)?;
                 check_nonzero("dilation", dilation)?;
-                if dilation == 1 {
-                    let w = window as i64;
-                    return rows(
-                        seq,
-                        seq,
-                        Box::new(move |q, out| {
-                            let q = q as i64;
-                            let hi = if causal { q + 1 } else { q + w };
-                            out.push(clipped(q - w + 1, hi, seq));
-                        }),
-                    );
-                }
-                // A row is `window` (or 2 * window - 1) single keys: as intervals that would cost
-                // O(N · window) in the block-mask builder, so set the bits directly instead.
-                let wpr = mask_geometry(seq, seq)?;
+                mask_geometry(seq, seq)?;
                 let span = window.saturating_mul(dilation);
-                let mut bits = vec![0u32; seq * wpr];
-                for (q, row) in bits.chunks_exact_mut(wpr).enumerate() {
-                    let lo = q.saturating_sub(span - 1);
-                    let first = q - (q - lo) / dilation * dilation;
-                    let hi = if causal {
-                        q + 1
-                    } else {
-                        q.saturating_add(span).min(seq)
-                    };
-                    for k in (first..hi).step_by(dilation) {
-                        row[k / 32] |= 1 << (k % 32);
-                    }
-                }
-                Ok(Prepared::Bits(Mask::shared(seq, seq, bits)))
+                // Row q's keys are the k = q (mod dilation) within the window.
+                Ok(Prepared::Strided {
+                    seq,
+                    step: dilation,
+                    rows: Box::new(move |q| {
+                        let lo = q.saturating_sub(span - 1);
+                        let hi = if causal {
+                            q + 1
+                        } else {
+                            q.saturating_add(span).min(seq)
+                        };
+                        q - (q - lo) / dilation * dilation..hi
+                    }),
+                })
             }
             MaskSpec::Documents {
                 ref lengths,

@@ -40,6 +40,11 @@ pub struct PlanOptions {
     pub reorder: Reorder,
     /// Whether the kernel writes the log-sum-exp.
     pub write_lse: bool,
+    /// Storage type of Q, K, V and O (the host form converts f32 inputs to it).
+    pub dtype: DType,
+    /// Force a kernel tier; `None` picks the fastest for `dtype` (tensor cores > portable f16
+    /// for f16, portable f32 for f32).
+    pub tier: Option<Tier>,
     /// Split-KV: the most key tiles one workgroup walks; query tiles with more are split over
     /// several workgroups and merged by log-sum-exp. `None` splits only query tiles with over
     /// four times the mean work (global tokens); `Some(usize::MAX)` never splits.
@@ -55,6 +60,8 @@ impl Default for PlanOptions {
             reorder: Reorder::Auto,
             write_lse: true,
             max_tiles_per_workgroup: None,
+            dtype: DType::F32,
+            tier: None,
         }
     }
 }
@@ -240,26 +247,43 @@ impl Plan {
             check_mask(&shape, m)?;
         }
         let limits = gpu.limits();
-        let mut candidates = KernelConfig::candidates(&limits, shape.head_dim);
+        let tier = match options.tier {
+            Some(t) => {
+                gpu.supports(t)?;
+                t
+            }
+            None => gpu.tier_for(options.dtype)?,
+        };
+        if tier.dtype() != options.dtype {
+            return Err(Error::TierUnavailable(format!(
+                "tier {tier} stores {} but the plan's inputs are {}",
+                tier.dtype(),
+                options.dtype
+            )));
+        }
+        let all = KernelConfig::candidates(&limits, tier, shape.head_dim);
+        let mut candidates = all.clone();
         if let Some((r, c)) = options.tile {
             candidates.retain(|k| k.tile_rows == r && k.tile_cols == c);
-            if candidates.is_empty() {
-                return Err(Error::InvalidArgument {
-                    what: "tile",
-                    why: format!(
-                        "{r}x{c} is not a tile shape the kernel runs at head dim {} on this \
-                         adapter (shapes: {:?})",
-                        shape.head_dim,
-                        KernelConfig::candidates(&limits, shape.head_dim)
-                            .iter()
-                            .map(|k| format!("{}x{}", k.tile_rows, k.tile_cols))
-                            .collect::<Vec<_>>()
-                    ),
-                });
-            }
         }
         if candidates.is_empty() {
-            KernelConfig::choose(&limits, shape.head_dim)?;
+            return Err(Error::InvalidArgument {
+                what: "tile",
+                why: format!(
+                    "{} has no kernel tile{} at head dim {} within this adapter's limits \
+                     ({} bytes of workgroup memory); shapes: {:?}",
+                    tier,
+                    options
+                        .tile
+                        .map(|(r, c)| format!(" {r}x{c}"))
+                        .unwrap_or_default(),
+                    shape.head_dim,
+                    limits.max_compute_workgroup_storage_size,
+                    all.iter()
+                        .map(|k| format!("{}x{}", k.tile_rows, k.tile_cols))
+                        .collect::<Vec<_>>()
+                ),
+            });
         }
         let mut why = String::new();
 
@@ -405,7 +429,14 @@ impl Plan {
             usage: wgpu::BufferUsages::STORAGE,
         });
 
-        let chunk_dims = split_work(&shape, binding_limit, q_tiles, per_batch, &limits)?;
+        let chunk_dims = split_work(
+            &shape,
+            binding_limit,
+            q_tiles,
+            per_batch,
+            &limits,
+            tier.dtype(),
+        )?;
         let mut chunks = Vec::with_capacity(chunk_dims.len());
         for (b0, nb, hk0, nhk) in chunk_dims {
             // Work items, heaviest first, heavy query tiles split over several workgroups.
@@ -531,7 +562,6 @@ impl Plan {
             write_lse: self.write_lse,
             permuted: self.permuted.is_some(),
             merge: false,
-            dtype: DType::F32,
         }
     }
 
@@ -550,9 +580,14 @@ impl Plan {
         self.config
     }
 
+    /// Storage type of Q, K, V and O on the GPU.
+    pub fn dtype(&self) -> DType {
+        self.config.tier.dtype()
+    }
+
     /// The kernel tier the plan runs.
     pub fn tier(&self) -> Tier {
-        Tier::PortableF32
+        self.config.tier
     }
 
     /// The block mask the plan runs on (in reordered token order when RCM was applied).
@@ -668,27 +703,34 @@ impl Plan {
             let limits = self.gpu.limits();
             return Err(Error::TooLarge {
                 what: "one of Q, K, V, O",
-                bytes: (self.shape.q_len().max(self.shape.kv_len()) * 4) as u64,
+                bytes: self
+                    .dtype()
+                    .bytes(self.shape.q_len().max(self.shape.kv_len())),
                 limit_name: "max_storage_buffer_binding_size",
                 limit: limits.max_storage_buffer_binding_size,
             });
         }
         let s = &self.shape;
+        let e = self.dtype();
         for (what, buf, need) in [
-            ("q buffer", t.q, s.q_len()),
-            ("k buffer", t.k, s.kv_len()),
-            ("v buffer", t.v, s.kv_len()),
-            ("o buffer", t.o, s.q_len()),
+            ("q buffer", t.q, e.bytes(s.q_len())),
+            ("k buffer", t.k, e.bytes(s.kv_len())),
+            ("v buffer", t.v, e.bytes(s.kv_len())),
+            ("o buffer", t.o, e.bytes(s.q_len())),
             (
                 "lse buffer",
                 t.lse,
-                if self.write_lse { s.lse_len() } else { 1 },
+                if self.write_lse {
+                    4 * s.lse_len() as u64
+                } else {
+                    4
+                },
             ),
         ] {
-            if buf.size() < (need * 4) as u64 {
+            if buf.size() < need {
                 return Err(Error::ShapeMismatch {
                     what,
-                    expected: format!("at least {} bytes", need * 4),
+                    expected: format!("at least {need} bytes"),
                     got: format!("{} bytes", buf.size()),
                 });
             }
@@ -752,7 +794,8 @@ impl Plan {
     ///
     /// Q `[B, H, Nq, d]`, K and V `[B, Hkv, Nk, d]` row-major f32; returns O `[B, H, Nq, d]`
     /// and LSE `[B, H, Nq]` (natural log; −∞ for rows with no allowed key; empty when the
-    /// plan does not write it).
+    /// plan does not write it). A plan with f16 storage rounds the inputs to f16 on upload and
+    /// returns the f16 output widened to f32.
     pub fn run(&self, q: &[f32], k: &[f32], v: &[f32]) -> Result<Output<f32>> {
         let s = self.shape;
         s.check_inputs(q.len(), k.len(), v.len())?;
@@ -811,24 +854,25 @@ impl Plan {
         v: &[f32],
     ) -> Result<(Vec<f32>, Vec<f32>)> {
         let device = self.gpu.device();
+        let e = self.dtype();
         let upload = |data: &[f32], label| {
             device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
                 label: Some(label),
-                contents: bytemuck::cast_slice(data),
+                contents: &e.encode(data),
                 usage: wgpu::BufferUsages::STORAGE,
             })
         };
         let (qb, kb, vb) = (upload(q, "q"), upload(k, "k"), upload(v, "v"));
-        let out = |len: usize, label| {
+        let out = |bytes: u64, label| {
             device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some(label),
-                size: (len.max(4) * 4) as u64,
+                size: bytes.max(16),
                 usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
                 mapped_at_creation: false,
             })
         };
         let lse_len = chunk.nb * chunk.nhk * self.shape.group() * self.shape.seq_q;
-        let (ob, lb) = (out(q.len(), "o"), out(lse_len, "lse"));
+        let (ob, lb) = (out(e.bytes(q.len()), "o"), out(4 * lse_len as u64, "lse"));
         let mut encoder = device.create_command_encoder(&Default::default());
         let t = Tensors {
             q: &qb,
@@ -838,9 +882,15 @@ impl Plan {
             lse: &lb,
         };
         self.encode_chunk(&mut encoder, chunk, &t, None)?;
-        let o = crate::readback::read_f32(&self.gpu, encoder, &[(&ob, q.len()), (&lb, lse_len)])?;
-        let mut it = o.into_iter();
-        Ok((it.next().unwrap_or_default(), it.next().unwrap_or_default()))
+        let bytes = crate::readback::read_bytes(
+            &self.gpu,
+            encoder,
+            &[(&ob, e.bytes(q.len())), (&lb, 4 * lse_len as u64)],
+        )?;
+        Ok((
+            e.decode(&bytes[0], q.len()),
+            DType::F32.decode(&bytes[1], lse_len),
+        ))
     }
 }
 
@@ -919,12 +969,13 @@ fn split_work(
     q_tiles: usize,
     per_batch: bool,
     limits: &wgpu::Limits,
+    e: DType,
 ) -> Result<Vec<(usize, usize, usize, usize)>> {
     let max_dim = limits.max_compute_workgroups_per_dimension as usize;
     let d = s.head_dim;
     let g = s.group();
-    let q_b = (s.heads * s.seq_q * d * 4) as u64;
-    let kv_b = (s.kv_heads * s.seq_k * d * 4) as u64;
+    let q_b = e.bytes(s.heads * s.seq_q * d);
+    let kv_b = e.bytes(s.kv_heads * s.seq_k * d);
     if q_tiles > max_dim {
         return Err(Error::TooLarge {
             what: "query tiles of one dispatch",
@@ -949,8 +1000,8 @@ fn split_work(
         }
         return Ok(parts);
     }
-    let q_h = (g * s.seq_q * d * 4) as u64;
-    let kv_h = (s.seq_k * d * 4) as u64;
+    let q_h = e.bytes(g * s.seq_q * d);
+    let kv_h = e.bytes(s.seq_k * d);
     if q_h.max(kv_h) > binding_limit {
         return Err(Error::TooLarge {
             what: "the queries or keys of one key/value head",

@@ -221,3 +221,23 @@ fn pseudo_peripheral(
         (v, last_level, levels) = (u, u_last, u_levels);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::transpose32;
+    use crate::mask::SplitMix64;
+
+    #[test]
+    fn transpose32_swaps_rows_and_columns() {
+        let mut rng = SplitMix64::new(1);
+        let mut a = [0u32; 32];
+        a.iter_mut().for_each(|x| *x = rng.next_u64() as u32);
+        let mut t = a;
+        transpose32(&mut t);
+        for r in 0..32 {
+            for c in 0..32 {
+                assert_eq!(t[c] >> r & 1, a[r] >> c & 1, "bit ({r}, {c})");
+            }
+        }
+    }
+}

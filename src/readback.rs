@@ -3,18 +3,17 @@
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 
-/// Submits `encoder` after copying each `(buffer, f32 count)` into a staging buffer, waits, and
-/// returns the buffers' contents.
-pub(crate) fn read_f32(
+/// Submits `encoder` after copying the first bytes of each `(buffer, byte count)` (a multiple
+/// of 4) into a staging buffer, waits, and returns them.
+pub(crate) fn read_bytes(
     gpu: &Gpu,
     mut encoder: wgpu::CommandEncoder,
-    sources: &[(&wgpu::Buffer, usize)],
-) -> Result<Vec<Vec<f32>>> {
+    sources: &[(&wgpu::Buffer, u64)],
+) -> Result<Vec<Vec<u8>>> {
     let device = gpu.device();
     let staging: Vec<(wgpu::Buffer, usize)> = sources
         .iter()
-        .map(|&(src, len)| {
-            let size = (len * 4) as u64;
+        .map(|&(src, size)| {
             let dst = device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some("blockflash readback"),
                 size: size.max(4),
@@ -24,7 +23,7 @@ pub(crate) fn read_f32(
             if size > 0 {
                 encoder.copy_buffer_to_buffer(src, 0, &dst, 0, size);
             }
-            (dst, len)
+            (dst, size as usize)
         })
         .collect();
     let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
@@ -55,7 +54,7 @@ pub(crate) fn read_f32(
             .slice(..)
             .get_mapped_range()
             .map_err(|e| Error::Device(format!("reading a mapped buffer failed: {e}")))?;
-        out.push(bytemuck::cast_slice::<u8, f32>(&view)[..*len].to_vec());
+        out.push(view[..*len].to_vec());
         drop(view);
         buf.unmap();
     }

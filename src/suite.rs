@@ -114,6 +114,8 @@ pub struct CaseResult {
     pub ms_plan: f64,
     /// How the times were measured.
     pub clock: Clock,
+    /// The kernel tier of the masked plan.
+    pub tier: crate::gpu::Tier,
 }
 
 /// How a case is measured.
@@ -148,10 +150,13 @@ pub fn run_case(
             .map(|_| (rng.next_f64() * 2.0 - 1.0) as f32)
             .collect()
     };
+    // Inputs rounded to the storage type, so that the reference sees what the GPU sees.
+    let e = options.dtype;
+    let mut rand_stored = |n: usize| e.decode(&e.encode(&rand(n)), n);
     let (q, k, v) = (
-        rand(shape.q_len()),
-        rand(shape.kv_len()),
-        rand(shape.kv_len()),
+        rand_stored(shape.q_len()),
+        rand_stored(shape.kv_len()),
+        rand_stored(shape.kv_len()),
     );
     let t0 = Instant::now();
     let masked = Plan::new(gpu, shape, Some(mask), options.clone())?;
@@ -189,5 +194,6 @@ pub fn run_case(
         max_rel_error,
         ms_plan,
         clock,
+        tier: masked.tier(),
     })
 }

@@ -7,6 +7,7 @@ use wgpu::util::DeviceExt;
 
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
+use crate::kernel::DType;
 use crate::plan::{Plan, Tensors};
 
 /// GPU-resident inputs and outputs for a plan, uploaded once for repeated runs.
@@ -16,6 +17,8 @@ pub struct Resident {
     v: wgpu::Buffer,
     o: wgpu::Buffer,
     lse: wgpu::Buffer,
+    dtype: DType,
+    o_len: usize,
 }
 
 impl Resident {
@@ -24,17 +27,18 @@ impl Resident {
         let s = plan.shape();
         s.check_inputs(q.len(), k.len(), v.len())?;
         let dev = gpu.device();
+        let e = plan.dtype();
         let up = |d: &[f32]| {
             dev.create_buffer_init(&wgpu::util::BufferInitDescriptor {
                 label: Some("blockflash input"),
-                contents: bytemuck::cast_slice(d),
+                contents: &e.encode(d),
                 usage: wgpu::BufferUsages::STORAGE,
             })
         };
-        let out = |n: usize| {
+        let out = |bytes: u64| {
             dev.create_buffer(&wgpu::BufferDescriptor {
                 label: Some("blockflash output"),
-                size: (n * 4) as u64,
+                size: bytes,
                 usage: wgpu::BufferUsages::STORAGE
                     | wgpu::BufferUsages::COPY_SRC
                     | wgpu::BufferUsages::COPY_DST,
@@ -45,26 +49,29 @@ impl Resident {
             q: up(q),
             k: up(k),
             v: up(v),
-            o: out(s.q_len()),
-            lse: out(s.lse_len()),
+            o: out(e.bytes(s.q_len())),
+            lse: out(4 * s.lse_len() as u64),
+            dtype: e,
+            o_len: s.q_len(),
         })
     }
 
     /// Fills O and LSE with NaN, so that elements a later run leaves unwritten show up.
     pub fn poison(&self, gpu: &Gpu) {
-        for b in [&self.o, &self.lse] {
-            let nan = vec![f32::NAN; (b.size() / 4) as usize];
-            gpu.queue().write_buffer(b, 0, bytemuck::cast_slice(&nan));
-        }
+        let o = self.dtype.encode(&vec![f32::NAN; self.o_len]);
+        gpu.queue().write_buffer(&self.o, 0, &o);
+        let lse = vec![f32::NAN; (self.lse.size() / 4) as usize];
+        gpu.queue()
+            .write_buffer(&self.lse, 0, bytemuck::cast_slice(&lse));
     }
 
-    /// Runs `plan` once on these buffers and reads O back.
+    /// Runs `plan` once on these buffers and reads O back (as f32).
     pub fn run_and_read(&self, gpu: &Gpu, plan: &Plan) -> Result<Vec<f32>> {
         let mut enc = gpu.device().create_command_encoder(&Default::default());
         plan.encode(&mut enc, &self.tensors())?;
-        let n = (self.o.size() / 4) as usize;
-        let mut out = crate::readback::read_f32(gpu, enc, &[(&self.o, n)])?;
-        Ok(out.pop().unwrap_or_default())
+        let bytes = self.dtype.bytes(self.o_len);
+        let out = crate::readback::read_bytes(gpu, enc, &[(&self.o, bytes)])?;
+        Ok(self.dtype.decode(&out[0], self.o_len))
     }
 
     /// The buffers as a plan's tensors.

@@ -120,7 +120,13 @@ fn options_of(kind: &str) -> &'static [&'static str] {
         "documents" => &["--doc-median", "--seed", SIDE[0], SIDE[1]],
         "prefix-lm" => &["--doc-median", "--prefix-frac", "--seed"],
         "longformer" => &["--window", "--global"],
-        "bigbird" => &["--window", "--global", "--block", "--random-blocks", "--seed"],
+        "bigbird" => &[
+            "--window",
+            "--global",
+            "--block",
+            "--random-blocks",
+            "--seed",
+        ],
         "tree" => &["--depth", "--branching"],
         "random" => &["--p", "--seed"],
         "random-blocks" => &["--block", "--p", "--seed"],
@@ -203,7 +209,8 @@ pub fn spec(kind: &str, seq: usize, g: &GeneratorArgs) -> Result<MaskSpec> {
             seed,
         },
         "tree" => {
-            let mut parents = complete_tree_parents(g.depth.unwrap_or(6), g.branching.unwrap_or(4))?;
+            let mut parents =
+                complete_tree_parents(g.depth.unwrap_or(6), g.branching.unwrap_or(4))?;
             // Truncated to N, or padded with roots: tokens that see only themselves.
             parents.resize(seq, None);
             MaskSpec::Tree {

@@ -256,8 +256,8 @@ pub fn read_npy(path: &Path) -> Result<Tensor> {
         "|u1" | "<u1" | ">u1" => Dtype::U8,
         d if d.starts_with('>') => {
             return Err(bad(format!(
-                "big-endian data ({d}) is not supported; save arr.astype(arr.dtype.newbyteorder('<'))"
-            )))
+            "big-endian data ({d}) is not supported; save arr.astype(arr.dtype.newbyteorder('<'))"
+        )))
         }
         d => {
             return Err(bad(format!(
@@ -293,7 +293,10 @@ fn npy_bytes(shape: &[usize], data: &[f32]) -> Vec<u8> {
         [n] => format!("({n},)"),
         s => format!(
             "({})",
-            s.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")
+            s.iter()
+                .map(|d| d.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
         ),
     };
     let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape_text}, }}");
@@ -369,7 +372,10 @@ pub fn read_tensor(path: &Path, name: &str) -> Result<Tensor> {
                 return Ok(all.drain().next().expect("one tensor").1);
             }
             all.remove(name).ok_or_else(|| {
-                io_error(path, format!("holds no single tensor and none named {name:?}"))
+                io_error(
+                    path,
+                    format!("holds no single tensor and none named {name:?}"),
+                )
             })
         }
     }

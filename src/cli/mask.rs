@@ -16,7 +16,12 @@ use super::{io, parse_tile, picture};
 pub struct MaskArgs {
     /// Mask kind: causal, sliding-window, documents, prefix-lm, longformer, bigbird, tree,
     /// random-blocks (the suite's families), full, sliding-window-symmetric, dilated, random.
-    #[arg(long, value_name = "KIND", required_unless_present = "from", requires = "seq")]
+    #[arg(
+        long,
+        value_name = "KIND",
+        required_unless_present = "from",
+        requires = "seq"
+    )]
     pub kind: Option<String>,
     /// Sequence length N (the mask is N x N).
     #[arg(long, value_name = "N")]
@@ -71,6 +76,22 @@ pub fn run(args: &MaskArgs) -> Result<()> {
         Some(path) => Some((path, picture::write_png(path, &bm)?)),
         None => None,
     };
+    let wrote = drawn.map(|(path, p)| {
+        let cells = if p.tiles_per_cell > 1 {
+            format!(
+                "one cell = {0}x{0} tiles, its most active state",
+                p.tiles_per_cell
+            )
+        } else {
+            format!("one tile = {0}x{0} pixels", p.pixels_per_cell)
+        };
+        format!(
+            "wrote {} ({}x{} px, {cells})",
+            path.display(),
+            p.width,
+            p.height
+        )
+    });
     if args.json {
         let stats = json!({
             "mask": name,
@@ -89,29 +110,22 @@ pub fn run(args: &MaskArgs) -> Result<()> {
             "dense_mask_bytes": bm.dense_mask_bytes(),
             "ms_build": ms_build,
         });
-        println!("{}", serde_json::to_string_pretty(&stats).expect("JSON of numbers"));
-    } else if drawn.is_some() {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&stats).expect("JSON of numbers")
+        );
+        // stdout holds the JSON alone.
+        if let Some(line) = wrote {
+            eprintln!("{line}");
+        }
+    } else if let Some(line) = wrote {
         // The header line of the text form: the statistics without the picture.
-        print!("{name}: {}", bm.to_string().lines().next().unwrap_or_default());
-        println!("\nbuilt in {ms_build:.3} ms");
+        let header = bm.to_string();
+        println!("{name}: {}", header.lines().next().unwrap_or_default());
+        println!("built in {ms_build:.3} ms");
+        println!("{line}");
     } else {
         println!("{name}: {bm}built in {ms_build:.3} ms");
-    }
-    if let Some((path, p)) = drawn {
-        let cells = if p.tiles_per_cell > 1 {
-            format!(
-                "one cell = {0}x{0} tiles, its most active state",
-                p.tiles_per_cell
-            )
-        } else {
-            format!("one tile = {0}x{0} pixels", p.pixels_per_cell)
-        };
-        eprintln!(
-            "wrote {} ({}x{} px, {cells})",
-            path.display(),
-            p.width,
-            p.height
-        );
     }
     Ok(())
 }

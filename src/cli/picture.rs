@@ -1,5 +1,6 @@
 //! The PNG picture of a block mask: one cell per tile (empty light grey, partial amber, full dark
-//! blue), one panel per batch element, and a legend strip with each state's share of the tiles.
+//! blue), one panel per batch element, and a legend strip with each state's share of the tiles and
+//! the tile shape.
 //!
 //! Masks with more than [`MAX_CELLS`] tiles a side are downsampled: a cell then stands for
 //! `f × f` tiles and shows the most active state among them. Small masks are scaled up to at
@@ -124,13 +125,19 @@ fn legend(bm: &BlockMask, tiles_per_cell: usize) -> (Vec<(u8, String)>, String) 
     (entries, tiles)
 }
 
-/// Width in pixels of the legend strip at `scale`.
-fn legend_width(entries: &[(u8, String)], tiles: &str, scale: usize) -> usize {
+/// Width in pixels of the legend's first line (the swatches and their labels) at `scale`.
+fn entries_width(entries: &[(u8, String)], scale: usize) -> usize {
     let items: usize = entries
         .iter()
-        .map(|(_, label)| 7 * scale + 4 * scale + text_width(label, scale) + 14 * scale)
+        .map(|(_, label)| 11 * scale + text_width(label, scale) + 14 * scale)
         .sum();
-    items + text_width(tiles, scale)
+    items.saturating_sub(14 * scale)
+}
+
+/// Width in pixels of the legend strip at `scale`: the swatches on one line, the tile shape on
+/// the next.
+fn legend_width(entries: &[(u8, String)], tiles: &str, scale: usize) -> usize {
+    entries_width(entries, scale).max(text_width(tiles, scale))
 }
 
 /// Draws the block mask as a palette image.
@@ -151,7 +158,7 @@ fn render(bm: &BlockMask) -> (Picture, Vec<u8>) {
     let width = panel_w.max(legend_width(&entries, &tiles, scale)) + 2 * MARGIN;
     let panels = bm.batches();
     let legend_top = MARGIN + panels * (panel_h + MARGIN) + MARGIN;
-    let height = legend_top + 7 * scale + MARGIN;
+    let height = legend_top + 18 * scale + MARGIN;
     let mut canvas = Canvas {
         width,
         pixels: vec![BACKGROUND; width * height],
@@ -165,13 +172,7 @@ fn render(bm: &BlockMask) -> (Picture, Vec<u8>) {
                     .map(|(q, k)| bm.state(b, q, k) as u8)
                     .max()
                     .unwrap_or(0);
-                canvas.fill(
-                    MARGIN + c * px,
-                    top + r * px,
-                    px - gap,
-                    px - gap,
-                    most + 1,
-                );
+                canvas.fill(MARGIN + c * px, top + r * px, px - gap, px - gap, most + 1);
             }
         }
     }
@@ -182,7 +183,7 @@ fn render(bm: &BlockMask) -> (Picture, Vec<u8>) {
         canvas.text(x, legend_top, label, scale);
         x += text_width(label, scale) + 14 * scale;
     }
-    canvas.text(x, legend_top, &tiles, scale);
+    canvas.text(MARGIN, legend_top + 11 * scale, &tiles, scale);
     let picture = Picture {
         width,
         height,
@@ -219,8 +220,8 @@ mod tests {
     #[test]
     fn cells_show_the_most_active_state() {
         // 4 x 4 tiles of 32: the top-left tile partial, the bottom-right one full.
-        let mask = Mask::from_fn(128, 128, |q, k| (q == 0 && k == 0) || (q >= 96 && k >= 96))
-            .unwrap();
+        let mask =
+            Mask::from_fn(128, 128, |q, k| (q == 0 && k == 0) || (q >= 96 && k >= 96)).unwrap();
         let bm = BlockMask::new(&mask, 32, 32).unwrap();
         assert_eq!(bm.state(0, 0, 0), TileState::Partial);
         let (pic, pixels) = render(&bm);
@@ -228,7 +229,13 @@ mod tests {
         assert_eq!(pic.pixels_per_cell, MIN_SIDE / 4);
         let at = |x: usize, y: usize| pixels[y * pic.width + x];
         assert_eq!(at(MARGIN, MARGIN), 2);
-        assert_eq!(at(MARGIN + 3 * pic.pixels_per_cell, MARGIN + 3 * pic.pixels_per_cell), 3);
+        assert_eq!(
+            at(
+                MARGIN + 3 * pic.pixels_per_cell,
+                MARGIN + 3 * pic.pixels_per_cell
+            ),
+            3
+        );
         assert_eq!(at(MARGIN + pic.pixels_per_cell, MARGIN), 1);
         assert_eq!(at(0, 0), BACKGROUND);
     }
@@ -238,6 +245,6 @@ mod tests {
         let bm = BlockMask::new(&Mask::causal(2100 * 32, 32).unwrap(), 32, 32).unwrap();
         let (pic, _) = render(&bm);
         assert_eq!(pic.tiles_per_cell, 3);
-        assert_eq!(pic.height, MARGIN + 700 + MARGIN + MARGIN + 7 + MARGIN);
+        assert_eq!(pic.height, MARGIN + 700 + MARGIN + MARGIN + 18 + MARGIN);
     }
 }

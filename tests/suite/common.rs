@@ -3,6 +3,7 @@
 
 use std::sync::OnceLock;
 
+use blockflash::kernel::DType;
 use blockflash::{reference, Gpu, Mask, Output, Plan, Shape, Tensors};
 use wgpu::util::DeviceExt;
 
@@ -66,11 +67,11 @@ pub fn inputs(rng: &mut Rng, shape: &Shape) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     )
 }
 
-fn poisoned(gpu: &Gpu, len: usize) -> wgpu::Buffer {
+fn poisoned(gpu: &Gpu, e: DType, len: usize) -> wgpu::Buffer {
     gpu.device()
         .create_buffer_init(&wgpu::util::BufferInitDescriptor {
             label: Some("poisoned output"),
-            contents: bytemuck::cast_slice(&vec![f32::NAN; len.max(1)]),
+            contents: &e.encode(&vec![f32::NAN; len.max(1)]),
             usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
         })
 }
@@ -80,15 +81,19 @@ pub fn run_poisoned(plan: &Plan, q: &[f32], k: &[f32], v: &[f32]) -> Output<f32>
     let gpu = gpu();
     let s = plan.shape();
     let dev = gpu.device();
+    let e = plan.dtype();
     let up = |d: &[f32]| {
         dev.create_buffer_init(&wgpu::util::BufferInitDescriptor {
             label: None,
-            contents: bytemuck::cast_slice(d),
+            contents: &e.encode(d),
             usage: wgpu::BufferUsages::STORAGE,
         })
     };
     let (qb, kb, vb) = (up(q), up(k), up(v));
-    let (ob, lb) = (poisoned(gpu, s.q_len()), poisoned(gpu, s.lse_len()));
+    let (ob, lb) = (
+        poisoned(gpu, e, s.q_len()),
+        poisoned(gpu, DType::F32, s.lse_len()),
+    );
     let mut enc = dev.create_command_encoder(&Default::default());
     plan.encode(
         &mut enc,
@@ -101,32 +106,32 @@ pub fn run_poisoned(plan: &Plan, q: &[f32], k: &[f32], v: &[f32]) -> Output<f32>
         },
     )
     .expect("encode");
-    let read = |buf: &wgpu::Buffer, len: usize, enc: &mut wgpu::CommandEncoder| {
+    let read = |buf: &wgpu::Buffer, bytes: u64, enc: &mut wgpu::CommandEncoder| {
         let st = dev.create_buffer(&wgpu::BufferDescriptor {
             label: None,
-            size: (len * 4) as u64,
+            size: bytes,
             usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
-        enc.copy_buffer_to_buffer(buf, 0, &st, 0, (len * 4) as u64);
+        enc.copy_buffer_to_buffer(buf, 0, &st, 0, bytes);
         st
     };
-    let so = read(&ob, s.q_len(), &mut enc);
-    let sl = read(&lb, s.lse_len(), &mut enc);
+    let so = read(&ob, e.bytes(s.q_len()), &mut enc);
+    let sl = read(&lb, DType::F32.bytes(s.lse_len()), &mut enc);
     gpu.queue().submit([enc.finish()]);
     for st in [&so, &sl] {
         st.slice(..)
             .map_async(wgpu::MapMode::Read, |r| r.expect("map"));
     }
     dev.poll(wgpu::PollType::wait_indefinitely()).expect("poll");
-    let get = |st: &wgpu::Buffer| -> Vec<f32> {
-        let v = bytemuck::cast_slice(&st.slice(..).get_mapped_range().expect("view")).to_vec();
+    let get = |st: &wgpu::Buffer, e: DType, n: usize| -> Vec<f32> {
+        let v = e.decode(&st.slice(..).get_mapped_range().expect("view"), n);
         st.unmap();
         v
     };
     Output {
-        o: get(&so),
-        lse: get(&sl),
+        o: get(&so, e, s.q_len()),
+        lse: get(&sl, DType::F32, s.lse_len()),
     }
 }
 
@@ -162,6 +167,21 @@ pub fn assert_close(what: &str, got: &Output<f32>, want: &Output<f64>, tol: f64)
     }
 }
 
+/// Error bound of a storage type against the f64 reference (on inputs rounded to the type):
+/// relative L2 error of O.
+pub fn tolerance(e: DType) -> f64 {
+    match e {
+        DType::F32 => 1e-5,
+        DType::F16 => 5e-3,
+    }
+}
+
+/// `x` rounded to the storage type `e`.
+pub fn rounded(e: DType, x: Vec<f32>) -> Vec<f32> {
+    let n = x.len();
+    e.decode(&e.encode(&x), n)
+}
+
 /// Plans, runs (poisoned) and checks one case against the reference; returns the plan's path.
 pub fn check_case(
     what: &str,
@@ -170,11 +190,19 @@ pub fn check_case(
     mask: Option<&Mask>,
     opts: blockflash::PlanOptions,
 ) -> blockflash::Path {
+    let e = opts.dtype;
     let (q, k, v) = inputs(rng, &shape);
+    let (q, k, v) = (rounded(e, q), rounded(e, k), rounded(e, v));
     let plan = Plan::new(gpu(), shape, mask, opts.clone())
-        .unwrap_or_else(|e| panic!("{what}: plan failed: {e}"));
+        .unwrap_or_else(|err| panic!("{what}: plan failed: {err}"));
     let got = run_poisoned(&plan, &q, &k, &v);
     let want = reference::attention(&shape, &q, &k, &v, mask, opts.scale).expect("reference");
-    assert_close(&format!("{what} ({})", plan.path()), &got, &want, 1e-5);
+    let tier = plan.tier();
+    assert_close(
+        &format!("{what} ({}, {tier})", plan.path()),
+        &got,
+        &want,
+        tolerance(e),
+    );
     plan.path()
 }

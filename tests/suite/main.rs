@@ -1,4 +1,6 @@
 mod attention;
+mod cli;
 mod common;
 mod masks;
 mod paths;
+mod tiers;

@@ -523,7 +523,17 @@ fn causal_and_window_generators_match_their_definitions() {
             }
         }
     }
-    for (seq, window, dilation) in [(100, 4, 3), (257, 10, 7), (64, 1, 5), (90, 6, 1), (5, 9, 9)] {
+    for (seq, window, dilation) in [
+        (100, 4, 3),
+        (257, 10, 7),
+        (64, 1, 5),
+        (90, 6, 1),
+        (5, 9, 9),
+        (300, 5, 40),
+        (161, 7, 2),
+        (129, 3, 32),
+        (200, 30, 31),
+    ] {
         for causal in [true, false] {
             let spec = MaskSpec::DilatedWindow {
                 seq,
@@ -692,6 +702,15 @@ fn is_ancestor_or_self(parents: &[Option<usize>], node: usize, k: usize) -> bool
     false
 }
 
+/// The definition of `Mask::tree_with_prefix`.
+fn tree_sees(parents: &[Option<usize>], prefix_len: usize, q: usize, k: usize) -> bool {
+    if q < prefix_len {
+        k <= q
+    } else {
+        k < prefix_len || is_ancestor_or_self(parents, q - prefix_len, k - prefix_len)
+    }
+}
+
 #[test]
 fn tree_generators_match_their_definitions() {
     let mut rng = SplitMix64::new(seed("tree_generators_match_their_definitions"));
@@ -703,15 +722,7 @@ fn tree_generators_match_their_definitions() {
                 prefix_len,
                 parents: parents.clone(),
             };
-            check_generator(&spec, |q, k| {
-                if q < prefix_len {
-                    k <= q
-                } else {
-                    k < prefix_len
-                        || k >= prefix_len
-                            && is_ancestor_or_self(&parents, q - prefix_len, k - prefix_len)
-                }
-            });
+            check_generator(&spec, |q, k| tree_sees(&parents, prefix_len, q, k));
         }
     }
     // A chain deeper than the interval path's limit (built from bits) plus a side branch.
@@ -722,14 +733,7 @@ fn tree_generators_match_their_definitions() {
             prefix_len,
             parents: deep.clone(),
         };
-        check_generator(&spec, |q, k| {
-            if q < prefix_len {
-                k <= q
-            } else {
-                k < prefix_len
-                    || k >= prefix_len && is_ancestor_or_self(&deep, q - prefix_len, k - prefix_len)
-            }
-        });
+        check_generator(&spec, |q, k| tree_sees(&deep, prefix_len, q, k));
     }
     // Complete trees: node count and breadth-first parents.
     for (depth, branching) in [(0, 3), (1, 1), (3, 2), (2, 4), (4, 3)] {
@@ -921,6 +925,11 @@ fn rcm_packs_a_shuffled_band_back_to_at_most_twice_its_tiles() {
         report.active_before, report.active_after
     );
     assert!(report.active_before > 4 * band_tiles);
+    assert!(report.active_after <= 2 * band_tiles);
+
+    // A one-sided band (|i - j| <= 8, j <= i) is the same graph once symmetrised.
+    let lower = Mask::sliding_window(512, 512, 9, true).unwrap();
+    let report = rcm_report(&lower.permuted(&shuffled(&mut rng, 512)).unwrap(), 32, 32).unwrap();
     assert!(report.active_after <= 2 * band_tiles);
 }
 

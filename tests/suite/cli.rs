@@ -1,0 +1,574 @@
+//! The `blockflash` binary end to end: `run` on .npy and .safetensors files written here by hand
+//! (against the f64 reference), `mask --json`/`--png`, `bench --json`, and every documented error
+//! case (non-zero exit, a message on stderr).
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use blockflash::suite::family_mask;
+use blockflash::{reference, BlockMask, Mask, Shape};
+use serde_json::Value;
+
+use crate::common::{assert_close, Rng};
+
+/// A fresh directory for one test's files.
+fn scratch(test: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("blockflash-cli-{}-{test}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("scratch directory");
+    dir
+}
+
+/// The arguments of `line` split at whitespace, each `{}` replaced by the next of `files`.
+fn argv(line: &str, files: &[&Path]) -> Vec<OsString> {
+    let mut files = files.iter();
+    let args: Vec<OsString> = line
+        .split_whitespace()
+        .map(|word| match word {
+            "{}" => files.next().expect("a file for each {}").into(),
+            w => w.into(),
+        })
+        .collect();
+    assert!(files.next().is_none(), "more files than {{}} in {line:?}");
+    args
+}
+
+/// Runs the binary with `line` (see [`argv`]).
+fn blockflash(line: &str, files: &[&Path]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_blockflash"))
+        .args(argv(line, files))
+        .output()
+        .expect("the blockflash binary runs")
+}
+
+/// Runs the binary and requires success; returns stdout.
+fn ok(line: &str, files: &[&Path]) -> String {
+    let out = blockflash(line, files);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "blockflash {line} failed:\n{stderr}");
+    String::from_utf8(out.stdout).expect("utf-8 stdout")
+}
+
+/// Runs the binary and requires a non-zero exit with `needle` in stderr.
+fn fails(line: &str, files: &[&Path], needle: &str) {
+    let out = blockflash(line, files);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "blockflash {line} {files:?} succeeded"
+    );
+    assert!(
+        stderr.contains(needle),
+        "blockflash {line} {files:?}: stderr lacks {needle:?}:\n{stderr}"
+    );
+}
+
+// ---- Files by hand ------------------------------------------------------------------------
+
+/// A .npy file (format 1.0) as numpy writes it.
+fn npy(descr: &str, fortran: bool, shape: &[usize], data: &[u8]) -> Vec<u8> {
+    let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
+    let tuple = if shape.len() == 1 {
+        format!("({},)", dims[0])
+    } else {
+        format!("({})", dims.join(", "))
+    };
+    let order = if fortran { "True" } else { "False" };
+    let mut header =
+        format!("{{'descr': '{descr}', 'fortran_order': {order}, 'shape': {tuple}, }}");
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut out = b"\x93NUMPY\x01\x00".to_vec();
+    out.extend((header.len() as u16).to_le_bytes());
+    out.extend(header.as_bytes());
+    out.extend(data);
+    out
+}
+
+fn f32_bytes(x: &[f32]) -> Vec<u8> {
+    x.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+fn f16_bytes(x: &[f32]) -> Vec<u8> {
+    x.iter()
+        .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
+        .collect()
+}
+
+/// Rounds through float16, as the file stores the values.
+fn f16_round(x: &[f32]) -> Vec<f32> {
+    x.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect()
+}
+
+/// Reads a float32 .npy file: shape and data.
+fn read_npy(path: &Path) -> (Vec<usize>, Vec<f32>) {
+    let bytes = std::fs::read(path).expect("output file");
+    assert_eq!(&bytes[..8], b"\x93NUMPY\x01\x00", "{}", path.display());
+    let len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
+    assert_eq!((10 + len) % 64, 0, "header alignment");
+    let header = std::str::from_utf8(&bytes[10..10 + len]).expect("header");
+    assert!(header.contains("'descr': '<f4'"), "{header}");
+    assert!(header.contains("'fortran_order': False"), "{header}");
+    let inner = &header[header.find("'shape': (").expect("shape") + 10..];
+    let shape = inner[..inner.find(')').expect("shape end")]
+        .split(',')
+        .filter(|d| !d.trim().is_empty())
+        .map(|d| d.trim().parse().expect("dimension"))
+        .collect();
+    let data = bytes[10 + len..]
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+        .collect();
+    (shape, data)
+}
+
+/// A .safetensors file of the given (name, dtype, shape, bytes) tensors.
+fn safetensors(tensors: &[(&str, &str, Vec<usize>, Vec<u8>)]) -> Vec<u8> {
+    let mut header = serde_json::Map::new();
+    let mut offset = 0;
+    for (name, dtype, shape, bytes) in tensors {
+        header.insert(
+            name.to_string(),
+            serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + bytes.len()]}),
+        );
+        offset += bytes.len();
+    }
+    let mut text = Value::Object(header).to_string();
+    while text.len() % 8 != 0 {
+        text.push(' ');
+    }
+    let mut out = (text.len() as u64).to_le_bytes().to_vec();
+    out.extend(text.as_bytes());
+    for (_, _, _, bytes) in tensors {
+        out.extend(bytes);
+    }
+    out
+}
+
+/// Reads the float32 tensor `name` of a .safetensors file: shape and data.
+fn read_safetensors(path: &Path, name: &str) -> (Vec<usize>, Vec<f32>) {
+    let bytes = std::fs::read(path).expect("output file");
+    let n = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")) as usize;
+    let header: Value = serde_json::from_slice(&bytes[8..8 + n]).expect("JSON header");
+    let t = &header[name];
+    assert_eq!(t["dtype"], "F32");
+    let shape = t["shape"]
+        .as_array()
+        .expect("shape")
+        .iter()
+        .map(|d| d.as_u64().expect("dim") as usize)
+        .collect();
+    let (a, b) = (
+        t["data_offsets"][0].as_u64().expect("offset") as usize,
+        t["data_offsets"][1].as_u64().expect("offset") as usize,
+    );
+    let data = bytes[8 + n + a..8 + n + b]
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+        .collect();
+    (shape, data)
+}
+
+/// Random 0/1 bytes with about `p` ones, and every query row's diagonal key set.
+fn mask_bytes(rng: &mut Rng, batches: usize, nq: usize, nk: usize, p: f64) -> Vec<u8> {
+    (0..batches * nq * nk)
+        .map(|i| {
+            let (q, k) = ((i / nk) % nq, i % nk);
+            u8::from(q == k || (rng.next_u64() as f64 / u64::MAX as f64) < p)
+        })
+        .collect()
+}
+
+// ---- run ----------------------------------------------------------------------------------
+
+#[test]
+fn run_on_npy_files_matches_the_reference() {
+    let mut rng = Rng::fresh("cli run npy");
+    let dir = scratch("run-npy");
+    let file = |name: &str, bytes: Vec<u8>| {
+        let p = dir.join(name);
+        std::fs::write(&p, bytes).expect("write input");
+        p
+    };
+
+    // float32, grouped-query heads, a shared uint8 mask, LSE, lengths off the tile grid.
+    let shape = Shape {
+        batch: 2,
+        heads: 4,
+        kv_heads: 2,
+        seq_q: 100,
+        seq_k: 100,
+        head_dim: 32,
+    };
+    let (q, k, v) = (
+        rng.vec(shape.q_len()),
+        rng.vec(shape.kv_len()),
+        rng.vec(shape.kv_len()),
+    );
+    let bytes = mask_bytes(&mut rng, 1, 100, 100, 0.3);
+    let mask = Mask::from_bytes(100, 100, &bytes).unwrap();
+    let (qf, kf, vf) = (
+        file("q.npy", npy("<f4", false, &[2, 4, 100, 32], &f32_bytes(&q))),
+        file("k.npy", npy("<f4", false, &[2, 2, 100, 32], &f32_bytes(&k))),
+        file("v.npy", npy("<f4", false, &[2, 2, 100, 32], &f32_bytes(&v))),
+    );
+    let mf = file("mask.npy", npy("|u1", false, &[100, 100], &bytes));
+    let (of, lf) = (dir.join("o.npy"), dir.join("lse.npy"));
+    ok(
+        "run --q {} --k {} --v {} --mask {} --out {} --lse {}",
+        &[&qf, &kf, &vf, &mf, &of, &lf],
+    );
+    let (o_shape, o) = read_npy(&of);
+    let (l_shape, lse) = read_npy(&lf);
+    assert_eq!((o_shape, l_shape), (vec![2, 4, 100, 32], vec![2, 4, 100]));
+    let want = reference::attention(&shape, &q, &k, &v, Some(&mask), None).unwrap();
+    assert_close("run npy f32", &blockflash::Output { o, lse }, &want, 1e-5);
+
+    // float16 inputs, a per-batch bool mask, a scale, a forced path, no LSE.
+    let shape = Shape {
+        batch: 2,
+        heads: 2,
+        kv_heads: 2,
+        seq_q: 70,
+        seq_k: 130,
+        head_dim: 64,
+    };
+    let (q, k, v) = (
+        f16_round(&rng.vec(shape.q_len())),
+        f16_round(&rng.vec(shape.kv_len())),
+        f16_round(&rng.vec(shape.kv_len())),
+    );
+    let bytes = mask_bytes(&mut rng, 2, 70, 130, 0.2);
+    let mask = Mask::per_batch(vec![
+        Mask::from_bytes(70, 130, &bytes[..70 * 130]).unwrap(),
+        Mask::from_bytes(70, 130, &bytes[70 * 130..]).unwrap(),
+    ])
+    .unwrap();
+    let (qf, kf, vf) = (
+        file(
+            "q16.npy",
+            npy("<f2", false, &[2, 2, 70, 64], &f16_bytes(&q)),
+        ),
+        file(
+            "k16.npy",
+            npy("<f2", false, &[2, 2, 130, 64], &f16_bytes(&k)),
+        ),
+        file(
+            "v16.npy",
+            npy("<f2", false, &[2, 2, 130, 64], &f16_bytes(&v)),
+        ),
+    );
+    let mf = file("mask-b.npy", npy("|b1", false, &[2, 70, 130], &bytes));
+    let of = dir.join("o16.npy");
+    ok(
+        "run --q {} --k {} --v {} --mask {} --out {} --scale 0.3 --path sparse",
+        &[&qf, &kf, &vf, &mf, &of],
+    );
+    let (o_shape, o) = read_npy(&of);
+    assert_eq!(o_shape, vec![2, 2, 70, 64]);
+    let want = reference::attention(&shape, &q, &k, &v, Some(&mask), Some(0.3)).unwrap();
+    let got = blockflash::Output { o, lse: vec![] };
+    assert_close("run npy f16 per-batch", &got, &want, 1e-5);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn run_on_a_safetensors_file_round_trips() {
+    let mut rng = Rng::fresh("cli run safetensors");
+    let dir = scratch("run-safetensors");
+    let shape = Shape::new(1, 2, 96, 32);
+    let (q, k, v) = (
+        rng.vec(shape.q_len()),
+        f16_round(&rng.vec(shape.kv_len())),
+        rng.vec(shape.kv_len()),
+    );
+    let bytes = mask_bytes(&mut rng, 1, 96, 96, 0.25);
+    let mask = Mask::from_bytes(96, 96, &bytes).unwrap();
+    let inputs = dir.join("inputs.safetensors");
+    let file = safetensors(&[
+        ("q", "F32", vec![1, 2, 96, 32], f32_bytes(&q)),
+        ("k", "F16", vec![1, 2, 96, 32], f16_bytes(&k)),
+        ("v", "F32", vec![1, 2, 96, 32], f32_bytes(&v)),
+        ("mask", "BOOL", vec![96, 96], bytes),
+    ]);
+    std::fs::write(&inputs, file).unwrap();
+    let (of, lf) = (dir.join("o.safetensors"), dir.join("lse.safetensors"));
+    ok("run --inputs {} --out {} --lse {}", &[&inputs, &of, &lf]);
+    let (o_shape, o) = read_safetensors(&of, "o");
+    let (l_shape, lse) = read_safetensors(&lf, "lse");
+    assert_eq!((o_shape, l_shape), (vec![1, 2, 96, 32], vec![1, 2, 96]));
+    let want = reference::attention(&shape, &q, &k, &v, Some(&mask), None).unwrap();
+    assert_close(
+        "run safetensors",
+        &blockflash::Output { o, lse },
+        &want,
+        1e-5,
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+// ---- mask ---------------------------------------------------------------------------------
+
+fn json(text: &str) -> Value {
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}):\n{text}"))
+}
+
+fn num(v: &Value, key: &str) -> f64 {
+    v[key]
+        .as_f64()
+        .unwrap_or_else(|| panic!("field {key} missing or not a number in {v}"))
+}
+
+/// Checks `mask --json` output against the library's block mask of the same mask.
+fn assert_stats(stats: &Value, bm: &BlockMask) {
+    for (key, want) in [
+        ("seq_q", bm.seq_q()),
+        ("seq_k", bm.seq_k()),
+        ("tile_rows", bm.tile_rows()),
+        ("tile_cols", bm.tile_cols()),
+        ("mask_bytes", bm.mask_bytes()),
+        ("dense_mask_bytes", bm.dense_mask_bytes()),
+    ] {
+        assert_eq!(num(stats, key), want as f64, "{key}");
+    }
+    let (a, p, f) = (
+        num(stats, "active_tiles"),
+        num(stats, "partial_tiles"),
+        num(stats, "full_tiles"),
+    );
+    assert!((a - bm.active_fraction()).abs() < 1e-12);
+    assert!((p - bm.partial_fraction()).abs() < 1e-12);
+    assert!((f - bm.full_fraction()).abs() < 1e-12);
+    assert!((a - p - f).abs() < 1e-12, "active = partial + full");
+    assert_eq!(stats["run_length_eligible"], bm.run_length_eligible());
+    assert!(num(stats, "ms_build") >= 0.0);
+}
+
+#[test]
+fn mask_json_matches_the_library_and_files() {
+    for kind in ["causal", "documents", "bigbird", "tree"] {
+        let stats = json(&ok(
+            &format!("mask --kind {kind} --seq 1000 --tile 32x64 --json"),
+            &[],
+        ));
+        let bm = BlockMask::new(&family_mask(kind, 1000, 7).unwrap(), 32, 64).unwrap();
+        assert_stats(&stats, &bm);
+    }
+    // The same mask from a file, and per batch element.
+    let dir = scratch("mask");
+    let causal = Mask::causal(300, 300).unwrap();
+    let bytes: Vec<u8> = (0..300 * 300)
+        .map(|i| u8::from(causal.get(0, i / 300, i % 300)))
+        .collect();
+    let from = dir.join("causal.npy");
+    std::fs::write(&from, npy("|u1", false, &[300, 300], &bytes)).unwrap();
+    let stats = json(&ok("mask --from {} --json", &[&from]));
+    assert_stats(&stats, &BlockMask::new(&causal, 64, 64).unwrap());
+    let generated = json(&ok("mask --kind causal --seq 300 --json", &[]));
+    assert_eq!(stats["active_tiles"], generated["active_tiles"]);
+    let two: Vec<u8> = bytes.iter().chain(&vec![1u8; 300 * 300]).copied().collect();
+    std::fs::write(&from, npy("|b1", false, &[2, 300, 300], &two)).unwrap();
+    let stats = json(&ok("mask --from {} --json", &[&from]));
+    assert_eq!(num(&stats, "batches"), 2.0);
+
+    // The text form and the picture.
+    let png = dir.join("mask.png");
+    let text = ok("mask --kind documents --seq 4096 --png {}", &[&png]);
+    assert!(
+        text.contains("active") && text.contains("mask.png"),
+        "{text}"
+    );
+    let picture = std::fs::read(&png).unwrap();
+    assert_eq!(&picture[..8], b"\x89PNG\r\n\x1a\n");
+    let (w, h) = (
+        u32::from_be_bytes(picture[16..20].try_into().unwrap()),
+        u32::from_be_bytes(picture[20..24].try_into().unwrap()),
+    );
+    assert!(w >= 256 && h >= 256, "{w}x{h}");
+    let text = ok(
+        "mask --kind sliding-window --seq 512 --window 200 --symmetric",
+        &[],
+    );
+    assert!(
+        text.contains('█') && text.contains("BlockMask 512x512"),
+        "{text}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+// ---- bench --------------------------------------------------------------------------------
+
+#[test]
+fn bench_json_rows_hold_every_field() {
+    let dir = scratch("bench");
+    let rows = dir.join("rows.jsonl");
+    let table = ok(
+        "bench --mask causal --seq 128 --batch 1 --heads 1 --head-dim 32 --repeat 2 --json {}",
+        &[&rows],
+    );
+    assert!(
+        table.contains("| mask |") && table.contains("| causal |"),
+        "{table}"
+    );
+    let text = std::fs::read_to_string(&rows).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 1, "{text}");
+    let row = json(lines[0]);
+    for key in [
+        "mask",
+        "seq",
+        "batch",
+        "heads",
+        "kv_heads",
+        "head_dim",
+        "precision",
+        "tier",
+        "path",
+        "tile",
+        "active_tiles",
+        "ms_dense",
+        "ms_masked",
+        "speedup",
+        "ideal_speedup",
+        "tflops",
+        "max_rel_error",
+        "ms_plan",
+        "clock",
+        "adapter",
+        "backend",
+        "driver",
+    ] {
+        assert!(!row[key].is_null(), "field {key} missing in {row}");
+    }
+    assert_eq!(row["mask"], "causal");
+    assert_eq!((num(&row, "seq"), num(&row, "head_dim")), (128.0, 32.0));
+    assert_eq!(row["precision"], "f32");
+    let (dense, masked) = (num(&row, "ms_dense"), num(&row, "ms_masked"));
+    let speedup = num(&row, "speedup");
+    assert!(dense > 0.0 && masked > 0.0);
+    assert!((speedup - dense / masked).abs() <= 1e-9 * speedup, "{row}");
+    let ideal = num(&row, "ideal_speedup") * num(&row, "active_tiles");
+    assert!((ideal - 1.0).abs() < 1e-9, "{row}");
+    assert!(num(&row, "max_rel_error") <= 1e-4);
+    assert!(num(&row, "ms_plan") >= 0.0);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+// ---- errors -------------------------------------------------------------------------------
+
+#[test]
+fn documented_errors_exit_non_zero_with_a_message() {
+    let dir = scratch("errors");
+    // A .npy file of zeros; `elements` may disagree with the shape (a truncated file).
+    let npy_file = |name: &str, descr: &str, fortran: bool, shape: &[usize], elements: usize| {
+        let size = descr[2..].parse::<usize>().expect("item size");
+        let p = dir.join(name);
+        std::fs::write(&p, npy(descr, fortran, shape, &vec![0; elements * size])).unwrap();
+        p
+    };
+    let full = |shape: &[usize]| shape.iter().product::<usize>();
+    let good = [1, 2, 64, 32];
+    let q = npy_file("q.npy", "<f4", false, &good, full(&good));
+    let kv = npy_file("kv.npy", "<f4", false, &good, full(&good));
+    let out = dir.join("o.npy");
+    let inputs = dir.join("inputs.safetensors");
+    let only_q = safetensors(&[("q", "F32", good.to_vec(), vec![0; full(&good) * 4])]);
+    std::fs::write(&inputs, only_q).unwrap();
+    let odd = |name: &str, descr: &str, fortran: bool, shape: &[usize]| {
+        npy_file(name, descr, fortran, shape, full(shape))
+    };
+    let (rank3, f64s, bools) = (
+        odd("rank3.npy", "<f4", false, &[2, 64, 32]),
+        odd("f64.npy", "<f8", false, &good),
+        odd("bool.npy", "|b1", false, &good),
+    );
+    let (fortran, big) = (
+        odd("fortran.npy", "<f4", true, &good),
+        odd("big.npy", ">f4", false, &good),
+    );
+    let short = npy_file("short.npy", "<f4", false, &good, 100);
+    let (v65, q3) = (
+        odd("v65.npy", "<f4", false, &[1, 2, 65, 32]),
+        odd("q3.npy", "<f4", false, &[1, 3, 64, 32]),
+    );
+    let (float_mask, mask65) = (
+        odd("fmask.npy", "<f4", false, &[64, 64]),
+        odd("mask65.npy", "|u1", false, &[64, 65]),
+    );
+    let missing = dir.join("missing.npy");
+    let run = "run --q {} --k {} --v {} --out {}";
+    let cases: Vec<(String, Vec<&Path>, &str)> = vec![
+        // Unreadable files.
+        (run.into(), vec![&missing, &kv, &kv, &out], "cannot read"),
+        (
+            run.into(),
+            vec![&short, &kv, &kv, &out],
+            "needs 16384 bytes",
+        ),
+        (run.into(), vec![&fortran, &kv, &kv, &out], "Fortran"),
+        (run.into(), vec![&big, &kv, &kv, &out], "big-endian"),
+        // Wrong ranks and dtypes.
+        (
+            run.into(),
+            vec![&rank3, &kv, &kv, &out],
+            "expected 4 dimensions",
+        ),
+        (
+            run.into(),
+            vec![&f64s, &kv, &kv, &out],
+            "dtype <f8 is not supported",
+        ),
+        (
+            run.into(),
+            vec![&q, &bools, &kv, &out],
+            "expected float32 or float16",
+        ),
+        (
+            format!("{run} --mask {{}}"),
+            vec![&q, &kv, &kv, &out, &float_mask],
+            "expected bool or uint8",
+        ),
+        // Mismatched shapes.
+        (run.into(), vec![&q, &kv, &v65, &out], "k and v"),
+        (run.into(), vec![&q3, &kv, &kv, &out], "not a multiple"),
+        (
+            format!("{run} --mask {{}}"),
+            vec![&q, &kv, &kv, &out, &mask65],
+            "mask: expected [64, 64]",
+        ),
+        (
+            "run --inputs {} --out {}".into(),
+            vec![&inputs, &out],
+            "no tensor named \"k\"",
+        ),
+        // Bad options.
+        (
+            format!("{run} --path diagonal"),
+            vec![&q, &kv, &kv, &out],
+            "invalid value 'diagonal' for '--path",
+        ),
+        (
+            format!("{run} --precision f16"),
+            vec![&q, &kv, &kv, &out],
+            "f16 tier not available yet",
+        ),
+        (
+            format!("{run} --lse lse.txt"),
+            vec![&q, &kv, &kv, &out],
+            ".npy or .safetensors",
+        ),
+        ("mask --kind zigzag --seq 64".into(), vec![], "not one of"),
+        (
+            "mask --kind causal --seq 64 --window 3".into(),
+            vec![],
+            "--window does not apply",
+        ),
+        ("mask --from {}".into(), vec![&missing], "cannot read"),
+    ];
+    for (line, files, needle) in cases {
+        fails(&line, &files, needle);
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -1,0 +1,175 @@
+//! The f16 tiers (portable f16 storage, tensor cores) on every path against the f64 reference on
+//! inputs rounded to f16: relative L2 error of O ≤ 5e-3. A tier the adapter lacks is skipped
+//! with the reason printed (lavapipe has no cooperative matrices; the H100 runs them).
+
+use blockflash::kernel::DType;
+use blockflash::suite::{family_mask, FAMILIES};
+use blockflash::{Error, Mask, Path, Plan, PlanOptions, Reorder, Shape, Tier};
+
+use crate::common::{check_case, gpu, Rng};
+
+fn tier_or_skip(tier: Tier) -> bool {
+    match gpu().supports(tier) {
+        Ok(()) => true,
+        Err(e) => {
+            // Straight to stderr: libtest hides println! output of passing tests.
+            use std::io::Write;
+            let name = &gpu().adapter_info().name;
+            writeln!(std::io::stderr(), "SKIPPED {tier} tests on {name}: {e}").ok();
+            false
+        }
+    }
+}
+
+fn opts(tier: Tier, path: Option<Path>) -> PlanOptions {
+    PlanOptions {
+        dtype: DType::F16,
+        tier: Some(tier),
+        path,
+        ..Default::default()
+    }
+}
+
+fn every_path_on_every_family(tier: Tier) {
+    let mut rng = Rng::fresh(&format!("{tier} families"));
+    let seq = 200;
+    let shape = Shape {
+        batch: 2,
+        heads: 2,
+        kv_heads: 1,
+        seq_q: seq,
+        seq_k: seq,
+        head_dim: 64,
+    };
+    for name in FAMILIES {
+        let mask = family_mask(name, seq, rng.next_u64()).unwrap();
+        for path in [Path::Dense, Path::RunLength, Path::Sparse] {
+            match Plan::new(gpu(), shape, Some(&mask), opts(tier, Some(path))) {
+                Err(Error::PathNotEligible(_)) => continue,
+                Err(e) => panic!("{name} {path}: {e}"),
+                Ok(_) => {}
+            }
+            check_case(
+                &format!("{name} {path}"),
+                &mut rng,
+                shape,
+                Some(&mask),
+                opts(tier, Some(path)),
+            );
+        }
+    }
+    check_case("no mask", &mut rng, shape, None, opts(tier, None));
+}
+
+fn shapes_head_dims_and_splits(tier: Tier) {
+    let mut rng = Rng::fresh(&format!("{tier} shapes"));
+    for d in blockflash::shape::HEAD_DIMS {
+        for (nq, nk) in [(1, 17), (65, 63), (130, 257)] {
+            let shape = Shape {
+                batch: 1,
+                heads: 4,
+                kv_heads: 2,
+                seq_q: nq,
+                seq_k: nk,
+                head_dim: d,
+            };
+            let mask = Mask::causal(nq, nk).unwrap();
+            check_case(
+                &format!("d={d} {nq}x{nk}"),
+                &mut rng,
+                shape,
+                Some(&mask),
+                opts(tier, None),
+            );
+            check_case(
+                &format!("d={d} {nq}x{nk} dense"),
+                &mut rng,
+                shape,
+                None,
+                opts(tier, None),
+            );
+        }
+    }
+    let seq = 300;
+    let shape = Shape::new(2, 2, seq, 64);
+    let longformer = family_mask("longformer", seq, 5).unwrap();
+    let split = PlanOptions {
+        max_tiles_per_workgroup: Some(2),
+        ..opts(tier, None)
+    };
+    check_case("split-KV", &mut rng, shape, Some(&longformer), split);
+    let per_batch = Mask::per_batch(vec![
+        family_mask("documents", seq, 1).unwrap(),
+        family_mask("tree", seq, 1).unwrap(),
+    ])
+    .unwrap();
+    check_case(
+        "per-batch",
+        &mut rng,
+        shape,
+        Some(&per_batch),
+        opts(tier, None),
+    );
+    let mut perm: Vec<usize> = (0..seq).collect();
+    for i in (1..seq).rev() {
+        perm.swap(i, rng.below(i + 1));
+    }
+    let shuffled = Mask::from_fn(seq, seq, |q, k| perm[q].abs_diff(perm[k]) <= 5).unwrap();
+    let rcm = PlanOptions {
+        reorder: Reorder::On,
+        ..opts(tier, None)
+    };
+    check_case("rcm", &mut rng, shape, Some(&shuffled), rcm);
+}
+
+#[test]
+fn portable_f16_matches_reference_on_every_path_and_family() {
+    if tier_or_skip(Tier::PortableF16) {
+        every_path_on_every_family(Tier::PortableF16);
+    }
+}
+
+#[test]
+fn portable_f16_matches_reference_on_head_dims_lengths_splits_and_reordering() {
+    if tier_or_skip(Tier::PortableF16) {
+        shapes_head_dims_and_splits(Tier::PortableF16);
+    }
+}
+
+#[test]
+fn tensor_core_matches_reference_on_every_path_and_family() {
+    if tier_or_skip(Tier::TensorCore) {
+        every_path_on_every_family(Tier::TensorCore);
+    }
+}
+
+#[test]
+fn tensor_core_matches_reference_on_head_dims_lengths_splits_and_reordering() {
+    if tier_or_skip(Tier::TensorCore) {
+        shapes_head_dims_and_splits(Tier::TensorCore);
+    }
+}
+
+#[test]
+fn tier_choice_follows_dtype_and_refuses_mismatches() {
+    let shape = Shape::new(1, 1, 32, 32);
+    let f32_plan = Plan::new(gpu(), shape, None, PlanOptions::default()).unwrap();
+    assert_eq!(f32_plan.tier(), Tier::PortableF32);
+    let f16 = PlanOptions {
+        dtype: DType::F16,
+        ..Default::default()
+    };
+    match Plan::new(gpu(), shape, None, f16) {
+        Ok(p) => assert_eq!(p.tier(), gpu().tier_for(DType::F16).unwrap()),
+        Err(e) => assert!(matches!(e, Error::TierUnavailable(_))),
+    }
+    let mismatch = PlanOptions {
+        tier: Some(Tier::PortableF32),
+        dtype: DType::F16,
+        ..Default::default()
+    };
+    assert!(matches!(
+        Plan::new(gpu(), shape, None, mismatch),
+        Err(Error::TierUnavailable(_))
+    ));
+}
