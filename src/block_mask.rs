@@ -369,7 +369,10 @@ impl BlockMask {
                         let w = kt as usize * wpt..((kt as usize + 1) * wpt).min(wpr);
                         for (q, dst) in (q0..q1).zip(slot.chunks_exact_mut(wpt)) {
                             let src = &words[q * wpr + w.start..q * wpr + w.end];
-                            dst[..src.len()].copy_from_slice(src);
+                            // A word loop: tile rows are a few words, too short for memcpy.
+                            for (d, &x) in dst.iter_mut().zip(src) {
+                                *d = x;
+                            }
                         }
                     }
                 }
@@ -502,6 +505,8 @@ impl BlockMask {
         let mut asm = Assembler::new(seq_q, seq_k, tile_rows, tile_cols, 1);
         let (k_tiles, slot_words, wpt) = (asm.bm.k_tiles, asm.slot_words, tile_cols / 32);
         let tiles = TileWidth::new(tile_cols);
+        let wpr = seq_k.div_ceil(32);
+        let mut scratch = vec![0u32; wpr];
         // Each row's keys as (first, last + 1), empty rows as (0, 0).
         let mut keys: Vec<(usize, usize)> = Vec::with_capacity(tile_rows);
         let (mut touched, mut covered) = (vec![0i32; k_tiles + 1], vec![0i32; k_tiles + 1]);
@@ -567,18 +572,20 @@ impl BlockMask {
             let base = bm.partial_bits.len();
             bm.partial_bits.resize(base + partial.len() * slot_words, 0);
             let (kts, bits) = (&bm.cols[partial], &mut bm.partial_bits[base..]);
-            for (p, &kt) in kts.iter().enumerate() {
-                let lo = kt as usize * tile_cols;
-                let hi = (lo + tile_cols).min(seq_k);
-                for (i, &(first, end)) in keys.iter().enumerate() {
-                    // The row's first key at or after the tile's start.
-                    let first = first + lo.saturating_sub(first).div_ceil(step) * step;
-                    let end = end.min(hi);
-                    if first < end {
-                        let dst = &mut bits[p * slot_words + i * wpt..][..wpt];
-                        set_strided(dst, first - lo, end - lo, step);
+            // Per row: its keys into a scratch row once, then the words of each partial tile.
+            for (i, &(first, end)) in keys.iter().enumerate() {
+                if first >= end {
+                    continue;
+                }
+                set_strided(&mut scratch, first, end, step);
+                let row_tiles = tiles.tile_of(first) as u32..=tiles.tile_of(end - 1) as u32;
+                for (p, &kt) in kts.iter().enumerate() {
+                    if row_tiles.contains(&kt) {
+                        let w = kt as usize * wpt..((kt as usize + 1) * wpt).min(wpr);
+                        bits[p * slot_words + i * wpt..][..w.len()].copy_from_slice(&scratch[w]);
                     }
                 }
+                scratch[first / 32..=(end - 1) / 32].fill(0);
             }
         }
         Ok(asm.bm)

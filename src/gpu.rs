@@ -238,19 +238,21 @@ impl Gpu {
         }
     }
 
-    /// The tier that runs inputs stored as `dtype`: tensor cores > portable f16 for f16,
+    /// The tier that runs inputs stored as `dtype` when the caller does not choose: portable
+    /// f16 for f16 (where the device has `SHADER_F16`; it measured faster than the tensor-core
+    /// kernel on the H100, see BENCHMARKS.md), the tensor-core kernel where only it is offered,
     /// portable f32 for f32.
     pub fn tier_for(&self, dtype: DType) -> Result<Tier> {
         match dtype {
             DType::F32 => Ok(Tier::PortableF32),
             DType::F16 => self
-                .supports(Tier::TensorCore)
-                .map(|_| Tier::TensorCore)
-                .or_else(|_| self.supports(Tier::PortableF16).map(|_| Tier::PortableF16)),
+                .supports(Tier::PortableF16)
+                .map(|_| Tier::PortableF16)
+                .or_else(|_| self.supports(Tier::TensorCore).map(|_| Tier::TensorCore)),
         }
     }
 
-    /// The fastest tier this device can run (for f16 inputs where it has f16).
+    /// The tier that runs by default for f16 inputs where the device has one, else f32.
     pub fn best_tier(&self) -> Tier {
         self.tier_for(DType::F16).unwrap_or(Tier::PortableF32)
     }

@@ -185,8 +185,14 @@ impl KernelConfig {
             Tier::PortableF32 | Tier::PortableF16 => {
                 4 * (br * d + bc * (self.dc + 4) + br * bc + 2 * br * self.tx) + 16
             }
-            // q, kv (f16); s (f32); p (f16); o (f32); row partials; walk
-            Tier::TensorCore => 2 * br * d + 2 * bc * d + 6 * br * bc + 4 * br * d + 16 * br + 16,
+            // Q/P staging (f16), K/V (f16), S/O staging (f32), row partials, flags
+            Tier::TensorCore => {
+                2 * br * (d.max(bc) + 8)
+                    + 2 * bc * (d + 8)
+                    + 4 * br * (d.max(bc) + 4)
+                    + 16 * br
+                    + 32
+            }
         }
     }
 
@@ -212,7 +218,7 @@ impl KernelConfig {
                 && br.is_multiple_of(16)
                 && bc.is_multiple_of(32)
                 && bc / 2 <= HALF_CAP
-                && d.is_multiple_of(32)
+                && d.is_multiple_of(16)
                 && (tx, ty, dc) == (2, br, d);
         }
         let tm = br / ty;

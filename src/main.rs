@@ -48,7 +48,7 @@ enum Command {
     /// masked plan on the same random inputs, two warm-up runs then --repeat timed runs (GPU
     /// timestamps where the adapter has them, else wall clock), reports the medians, and checks
     /// --samples output rows against the f64 CPU reference. The exit status is non-zero if any
-    /// case's relative error exceeds 1e-4.
+    /// case's relative error exceeds 1e-4 (f32) or 5e-3 (f16).
     ///
     /// --json FILE writes one JSON object per line and case with: mask, seq, batch, heads,
     /// kv_heads, head_dim, precision, tier, path, tile, active_tiles, ms_dense, ms_masked,

@@ -77,6 +77,9 @@ pub(crate) fn set_bit_range(words: &mut [u32], start: usize, end: usize) {
 /// Sets bits `start, start + step, ..` below `end` of a bit-packed row (`step >= 1`). Steps below
 /// 32 write whole words from a periodic pattern, so the cost is per word rather than per bit.
 pub(crate) fn set_strided(words: &mut [u32], start: usize, end: usize, step: usize) {
+    if start >= end {
+        return;
+    }
     if step == 1 {
         return set_bit_range(words, start, end);
     }
@@ -86,16 +89,29 @@ pub(crate) fn set_strided(words: &mut [u32], start: usize, end: usize, step: usi
         }
         return;
     }
-    let pattern: u64 = (0..64).step_by(step).fold(0, |p, b| p | 1 << b);
-    let mut k = start;
-    while k < end {
-        let (w, word_end) = (k / 32, (k / 32 + 1) * 32);
-        let mut bits = (pattern << (k % 32)) as u32;
-        if end < word_end {
-            bits &= (1 << (end % 32)) - 1;
+    // Bits 0, step, 2 * step, .. of 64, by doubling.
+    let (mut pattern, mut width) = (1u64, step);
+    while width < 64 {
+        pattern |= pattern << width;
+        width *= 2;
+    }
+    // `offset`: bit of the first key in the current word; from word to word it moves by
+    // -32 (mod step), without a division per word.
+    let shift = 32 % step;
+    let (last, mut offset) = ((end - 1) / 32, start % 32);
+    let mut phase = offset % step;
+    for (w, word) in words.iter_mut().enumerate().take(last + 1).skip(start / 32) {
+        let mut bits = (pattern << offset) as u32;
+        if w == last {
+            bits &= !0 >> (31 - (end - 1) % 32);
         }
-        words[w] |= bits;
-        k += (word_end - k).div_ceil(step) * step;
+        *word |= bits;
+        phase = if phase >= shift {
+            phase - shift
+        } else {
+            phase + step - shift
+        };
+        offset = phase;
     }
 }
 

@@ -42,8 +42,7 @@ pub struct PlanOptions {
     pub write_lse: bool,
     /// Storage type of Q, K, V and O (the host form converts f32 inputs to it).
     pub dtype: DType,
-    /// Force a kernel tier; `None` picks the fastest for `dtype` (tensor cores > portable f16
-    /// for f16, portable f32 for f32).
+    /// Force a kernel tier; `None` takes [`Gpu::tier_for`] of `dtype`.
     pub tier: Option<Tier>,
     /// Split-KV: the most key tiles one workgroup walks; query tiles with more are split over
     /// several workgroups and merged by log-sum-exp. `None` splits only query tiles with over

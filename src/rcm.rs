@@ -234,9 +234,9 @@ mod tests {
         a.iter_mut().for_each(|x| *x = rng.next_u64() as u32);
         let mut t = a;
         transpose32(&mut t);
-        for r in 0..32 {
-            for c in 0..32 {
-                assert_eq!(t[c] >> r & 1, a[r] >> c & 1, "bit ({r}, {c})");
+        for (r, row) in a.iter().enumerate() {
+            for (c, column) in t.iter().enumerate() {
+                assert_eq!(column >> r & 1, row >> c & 1, "bit ({r}, {c})");
             }
         }
     }

@@ -8,7 +8,8 @@ pub mod mask;
 pub mod picture;
 pub mod run;
 
-use blockflash::{Error, Path, Result};
+use blockflash::kernel::DType;
+use blockflash::Path;
 use clap::ValueEnum;
 
 /// `--path`: which dispatch path the masked plan takes.
@@ -38,36 +39,27 @@ impl PathArg {
     }
 }
 
-/// `--precision`: the kernel tier's storage precision.
+/// `--precision`: the storage type of Q, K, V and O in the kernel (arithmetic is f32 in every
+/// tier, and files are always written as float32).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
 pub enum Precision {
-    /// The best tier of the adapter (today the portable f32 kernel).
+    /// Chosen by the subcommand (see its --help).
     #[default]
     Auto,
-    /// f32 storage and arithmetic.
+    /// f32 storage: the portable f32 kernel, on every adapter.
     F32,
-    /// f16 storage of Q, K, V with f32 accumulation.
+    /// f16 storage: tensor cores where the adapter has cooperative matrices, else the portable
+    /// f16 kernel; an error on adapters without SHADER_F16.
     F16,
 }
 
 impl Precision {
-    /// Error unless this build has a kernel tier of this precision.
-    pub fn check(self) -> Result<()> {
+    /// The storage type to run, `auto` standing for `auto`.
+    pub fn dtype(self, auto: DType) -> DType {
         match self {
-            Precision::Auto | Precision::F32 => Ok(()),
-            Precision::F16 => Err(Error::TierUnavailable(
-                "f16 tier not available yet on this build; use --precision f32 (float16 inputs \
-                 are widened to f32)"
-                    .into(),
-            )),
-        }
-    }
-
-    /// The precision the kernels run at for this choice.
-    pub fn run_as(self) -> &'static str {
-        match self {
-            Precision::Auto | Precision::F32 => "f32",
-            Precision::F16 => "f16",
+            Precision::Auto => auto,
+            Precision::F32 => DType::F32,
+            Precision::F16 => DType::F16,
         }
     }
 }

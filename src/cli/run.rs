@@ -4,6 +4,7 @@
 use std::path::{Path as FsPath, PathBuf};
 use std::time::Instant;
 
+use blockflash::kernel::DType;
 use blockflash::{Error, Gpu, Mask, Plan, PlanOptions, Result, Shape};
 use clap::Args;
 
@@ -13,7 +14,8 @@ use super::{parse_tile, PathArg, Precision};
 /// Arguments of `blockflash run`.
 #[derive(Args, Debug)]
 pub struct RunArgs {
-    /// Queries Q [B, H, Nq, d], float32 or float16 (.npy).
+    /// Queries Q [B, H, Nq, d], float32 or float16: .npy, or .safetensors (its only tensor, or
+    /// the one named "q"; likewise "k", "v", "mask" for the others).
     #[arg(long, value_name = "FILE", required_unless_present = "inputs", requires_all = ["k", "v"])]
     pub q: Option<PathBuf>,
     /// Keys K [B, Hkv, Nk, d]; Hkv divides H (grouped-query attention).
@@ -44,8 +46,8 @@ pub struct RunArgs {
     /// run-length eligible is an error.
     #[arg(long, value_enum, default_value_t)]
     pub path: PathArg,
-    /// Kernel precision tier; auto and f32 run the portable f32 kernel (float16 inputs are
-    /// widened to f32).
+    /// Storage precision of the kernel; auto runs f16 when Q, K and V are all float16 files and
+    /// the adapter has an f16 tier, else f32.
     #[arg(long, value_enum, default_value_t)]
     pub precision: Precision,
     /// Force a tile shape, query rows x key columns (default: the plan picks).
@@ -56,6 +58,8 @@ pub struct RunArgs {
 /// Q, K, V (as f32) and the mask of one run, with the shape they make.
 struct Inputs {
     shape: Shape,
+    /// Whether Q, K and V were all stored as float16.
+    all_f16: bool,
     q: Vec<f32>,
     k: Vec<f32>,
     v: Vec<f32>,
@@ -140,6 +144,7 @@ fn load(args: &RunArgs) -> Result<Inputs> {
     let shape = shape_of(&q, &k, &v)?;
     Ok(Inputs {
         shape,
+        all_f16: [&q, &k, &v].iter().all(|t| t.dtype == io::Dtype::F16),
         q: q.to_f32("q")?,
         k: k.to_f32("k")?,
         v: v.to_f32("v")?,
@@ -149,7 +154,6 @@ fn load(args: &RunArgs) -> Result<Inputs> {
 
 /// Runs `blockflash run`.
 pub fn run(args: &RunArgs) -> Result<()> {
-    args.precision.check()?;
     // Refuse unknown output types before any work.
     Format::of(&args.out)?;
     if let Some(p) = &args.lse {
@@ -174,7 +178,10 @@ pub fn run(args: &RunArgs) -> Result<()> {
         t0.elapsed().as_secs_f64() * 1e3
     );
     let gpu = Gpu::new()?;
+    let f16_inputs = inputs.all_f16 && gpu.tier_for(DType::F16).is_ok();
+    let auto = if f16_inputs { DType::F16 } else { DType::F32 };
     let options = PlanOptions {
+        dtype: args.precision.dtype(auto),
         scale: args.scale,
         path: args.path.forced(),
         tile: args.tile,

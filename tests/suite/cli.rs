@@ -6,11 +6,12 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use blockflash::kernel::DType;
 use blockflash::suite::family_mask;
 use blockflash::{reference, BlockMask, Mask, Shape};
 use serde_json::Value;
 
-use crate::common::{assert_close, Rng};
+use crate::common::{assert_close, gpu, tolerance, Rng};
 
 /// A fresh directory for one test's files.
 fn scratch(test: &str) -> PathBuf {
@@ -76,7 +77,7 @@ fn npy(descr: &str, fortran: bool, shape: &[usize], data: &[u8]) -> Vec<u8> {
     let order = if fortran { "True" } else { "False" };
     let mut header =
         format!("{{'descr': '{descr}', 'fortran_order': {order}, 'shape': {tuple}, }}");
-    while (10 + header.len() + 1) % 64 != 0 {
+    while !(10 + header.len() + 1).is_multiple_of(64) {
         header.push(' ');
     }
     header.push('\n');
@@ -136,7 +137,7 @@ fn safetensors(tensors: &[(&str, &str, Vec<usize>, Vec<u8>)]) -> Vec<u8> {
         offset += bytes.len();
     }
     let mut text = Value::Object(header).to_string();
-    while text.len() % 8 != 0 {
+    while !text.len().is_multiple_of(8) {
         text.push(' ');
     }
     let mut out = (text.len() as u64).to_le_bytes().to_vec();
@@ -226,7 +227,8 @@ fn run_on_npy_files_matches_the_reference() {
     let want = reference::attention(&shape, &q, &k, &v, Some(&mask), None).unwrap();
     assert_close("run npy f32", &blockflash::Output { o, lse }, &want, 1e-5);
 
-    // float16 inputs, a per-batch bool mask, a scale, a forced path, no LSE.
+    // float16 inputs, a per-batch bool mask, a scale, a forced path, no LSE: widened to f32,
+    // and (auto) on the f16 tier where the adapter has one.
     let shape = Shape {
         batch: 2,
         heads: 2,
@@ -246,31 +248,37 @@ fn run_on_npy_files_matches_the_reference() {
         Mask::from_bytes(70, 130, &bytes[70 * 130..]).unwrap(),
     ])
     .unwrap();
+    let half = |name: &str, shape: &[usize], x: &[f32]| {
+        file(name, npy("<f2", false, shape, &f16_bytes(x)))
+    };
     let (qf, kf, vf) = (
-        file(
-            "q16.npy",
-            npy("<f2", false, &[2, 2, 70, 64], &f16_bytes(&q)),
-        ),
-        file(
-            "k16.npy",
-            npy("<f2", false, &[2, 2, 130, 64], &f16_bytes(&k)),
-        ),
-        file(
-            "v16.npy",
-            npy("<f2", false, &[2, 2, 130, 64], &f16_bytes(&v)),
-        ),
+        half("q16.npy", &[2, 2, 70, 64], &q),
+        half("k16.npy", &[2, 2, 130, 64], &k),
+        half("v16.npy", &[2, 2, 130, 64], &v),
     );
     let mf = file("mask-b.npy", npy("|b1", false, &[2, 70, 130], &bytes));
     let of = dir.join("o16.npy");
-    ok(
-        "run --q {} --k {} --v {} --mask {} --out {} --scale 0.3 --path sparse",
-        &[&qf, &kf, &vf, &mf, &of],
-    );
-    let (o_shape, o) = read_npy(&of);
-    assert_eq!(o_shape, vec![2, 2, 70, 64]);
     let want = reference::attention(&shape, &q, &k, &v, Some(&mask), Some(0.3)).unwrap();
-    let got = blockflash::Output { o, lse: vec![] };
-    assert_close("run npy f16 per-batch", &got, &want, 1e-5);
+    let has_f16 = gpu().tier_for(DType::F16).is_ok();
+    for (precision, dtype) in [
+        ("f32", DType::F32),
+        ("auto", if has_f16 { DType::F16 } else { DType::F32 }),
+    ] {
+        let line = format!(
+            "run --q {{}} --k {{}} --v {{}} --mask {{}} --out {{}} --scale 0.3 --path sparse \
+             --precision {precision}"
+        );
+        ok(&line, &[&qf, &kf, &vf, &mf, &of]);
+        let (o_shape, o) = read_npy(&of);
+        assert_eq!(o_shape, vec![2, 2, 70, 64]);
+        let got = blockflash::Output { o, lse: vec![] };
+        let what = format!("run npy f16 per-batch, --precision {precision}");
+        assert_close(&what, &got, &want, tolerance(dtype));
+    }
+    if !has_f16 {
+        let line = "run --q {} --k {} --v {} --out {} --precision f16";
+        fails(line, &[&qf, &kf, &vf, &of], "kernel tier unavailable");
+    }
     std::fs::remove_dir_all(&dir).ok();
 }
 
@@ -548,11 +556,6 @@ fn documented_errors_exit_non_zero_with_a_message() {
             format!("{run} --path diagonal"),
             vec![&q, &kv, &kv, &out],
             "invalid value 'diagonal' for '--path",
-        ),
-        (
-            format!("{run} --precision f16"),
-            vec![&q, &kv, &kv, &out],
-            "f16 tier not available yet",
         ),
         (
             format!("{run} --lse lse.txt"),

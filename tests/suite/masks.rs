@@ -255,6 +255,34 @@ fn block_mask_of_per_batch_mask_indexes_rows_by_batch_then_query_tile() {
 }
 
 #[test]
+fn block_mask_of_large_mask_built_on_several_threads_matches_brute_force() {
+    // Above 2^20 mask words BlockMask::new splits its passes over threads; a per-batch mask also
+    // puts the split between batch elements.
+    let mut rng = SplitMix64::new(seed(
+        "block_mask_of_large_mask_built_on_several_threads_matches_brute_force",
+    ));
+    let (seq_q, seq_k) = (range(&mut rng, 4000, 4200), range(&mut rng, 4000, 4200));
+    let masks: Vec<Mask> = (0..2)
+        .map(|_| random_mask(&mut rng, seq_q, seq_k))
+        .collect();
+    let mask = Mask::per_batch(masks).unwrap();
+    let tr = range(&mut rng, 1, 128);
+    println!("{seq_q} x {seq_k}, tiles {tr} x 64");
+    check_block_mask(&mask, &BlockMask::new(&mask, tr, 64).unwrap());
+
+    let n = range(&mut rng, 5800, 6000);
+    let spec = MaskSpec::RandomBlocks {
+        seq_q: n,
+        seq_k: n,
+        block: 100,
+        p: 0.3,
+        seed: rng.next_u64(),
+    };
+    let threaded = BlockMask::new(&spec.mask().unwrap(), 96, 128).unwrap();
+    assert!(threaded == spec.block_mask(96, 128).unwrap());
+}
+
+#[test]
 fn row_with_two_separate_full_runs_is_not_run_length_eligible() {
     // One query tile of 32 rows over 5 key tiles: full, empty, full, partial, full.
     let mask = Mask::from_fn(32, 160, |q, k| match k / 32 {
