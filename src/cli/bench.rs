@@ -14,7 +14,7 @@ use clap::{Args, Parser};
 use serde_json::json;
 
 use super::generate::{self, GeneratorArgs};
-use super::{parse_tile, PathArg, Precision};
+use super::{parse_tile, PathArg, Precision, TierArg};
 
 /// Largest sampled relative error that passes verification, by storage type.
 fn tolerance(dtype: DType) -> f64 {
@@ -45,10 +45,14 @@ pub struct BenchArgs {
     /// Head dimension: 32, 64, 96, 128 or 256.
     #[arg(long, value_name = "D", default_value_t = 64)]
     pub head_dim: usize,
-    /// Storage precision of the kernel; auto runs the adapter's fastest tier (f16 where it has
-    /// one) on a GPU and f32 on a CPU adapter.
+    /// Storage precision of the kernel; auto is f16 on a GPU with SHADER_F16 and f32 on a CPU
+    /// adapter. f16 runs the portable f16 kernel; tensor cores only with --tier tensor-core-f16.
     #[arg(long, value_enum, default_value_t)]
     pub precision: Precision,
+    /// Kernel tier of both plans; auto takes the precision's (portable-f32 or portable-f16). A
+    /// forced tier sets the precision when that is auto and must agree with it otherwise.
+    #[arg(long, value_enum, default_value_t)]
+    pub tier: TierArg,
     /// Dispatch path of the masked plan (the baseline is always the dense plan without a mask).
     #[arg(long, value_enum, default_value_t)]
     pub path: PathArg,
@@ -173,9 +177,10 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     } else {
         gpu.best_tier().dtype()
     };
-    let dtype = args.precision.dtype(auto);
+    let (dtype, tier) = args.tier.resolve(args.precision, auto)?;
     let options = PlanOptions {
         dtype,
+        tier,
         path: args.path.forced(),
         tile: args.tile,
         ..Default::default()
@@ -189,7 +194,10 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         "blockflash on {} ({:?}), tier {}: B={} H={} Hkv={} N={seq} d={}, {} timed runs",
         gpu.adapter_info().name,
         gpu.adapter_info().backend,
-        gpu.tier_for(dtype)?,
+        match tier {
+            Some(t) => gpu.supports(t).map(|()| t)?,
+            None => gpu.tier_for(dtype)?,
+        },
         shape.batch,
         shape.heads,
         shape.kv_heads,

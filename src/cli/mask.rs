@@ -1,10 +1,12 @@
 //! `blockflash mask`: the block mask of a generated or stored mask, as a text picture with
-//! statistics, as JSON, or as a PNG picture.
+//! statistics, as JSON, or as a PNG picture; and the mask itself as a numpy bool `.npy`.
 
-use std::path::PathBuf;
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use blockflash::{BlockMask, Error, Result};
+use blockflash::{BlockMask, Error, Mask, Result};
 use clap::Args;
 use serde_json::json;
 
@@ -39,6 +41,11 @@ pub struct MaskArgs {
     /// Write a PNG picture of the tile states (empty, partial, full) to FILE.
     #[arg(long, value_name = "FILE")]
     pub png: Option<PathBuf>,
+    /// Write the mask itself to FILE.npy as numpy bool (`|b1`, C order, true = may attend):
+    /// [N, N], or [B, Nq, Nk] for a per-batch --from mask. A generated mask is exactly the one
+    /// `blockflash bench --mask KIND --seq N` runs with the same generator options.
+    #[arg(long, value_name = "FILE.npy")]
+    pub out: Option<PathBuf>,
     #[command(flatten)]
     pub generator: GeneratorArgs,
 }
@@ -46,24 +53,38 @@ pub struct MaskArgs {
 /// Runs `blockflash mask`.
 pub fn run(args: &MaskArgs) -> Result<()> {
     let (rows, cols) = args.tile;
+    // Refuse a bad output name before any work.
+    if let Some(path) = &args.out {
+        if io::Format::of(path)? != io::Format::Npy {
+            return Err(Error::Io(format!(
+                "{}: --out writes .npy files only",
+                path.display()
+            )));
+        }
+    }
     let (name, bm, ms_build) = match (&args.kind, &args.from) {
         (Some(kind), _) => {
             let seq = args.seq.expect("clap requires --seq with --kind");
             let spec = generate::spec(kind, seq, &args.generator)?;
             let t0 = Instant::now();
             let bm = spec.block_mask(rows, cols)?;
-            (kind.clone(), bm, t0.elapsed().as_secs_f64() * 1e3)
+            let ms_build = t0.elapsed().as_secs_f64() * 1e3;
+            if let Some(path) = &args.out {
+                // The same generator and options as `blockflash bench` builds its mask from.
+                write_npy(path, &spec.mask()?)?;
+            }
+            (kind.clone(), bm, ms_build)
         }
         (None, Some(path)) => {
             args.generator.only(&[], "a mask read with --from")?;
             let mask = io::read_tensor(path, "mask")?.to_mask()?;
             let t0 = Instant::now();
             let bm = BlockMask::new(&mask, rows, cols)?;
-            (
-                path.display().to_string(),
-                bm,
-                t0.elapsed().as_secs_f64() * 1e3,
-            )
+            let ms_build = t0.elapsed().as_secs_f64() * 1e3;
+            if let Some(out) = &args.out {
+                write_npy(out, &mask)?;
+            }
+            (path.display().to_string(), bm, ms_build)
         }
         (None, None) => {
             return Err(Error::InvalidArgument {
@@ -92,6 +113,12 @@ pub fn run(args: &MaskArgs) -> Result<()> {
             p.height
         )
     });
+    let wrote: Vec<String> = args
+        .out
+        .iter()
+        .map(|p| format!("wrote the mask to {}", p.display()))
+        .chain(wrote)
+        .collect();
     if args.json {
         let stats = json!({
             "mask": name,
@@ -115,17 +142,56 @@ pub fn run(args: &MaskArgs) -> Result<()> {
             serde_json::to_string_pretty(&stats).expect("JSON of numbers")
         );
         // stdout holds the JSON alone.
-        if let Some(line) = wrote {
+        for line in &wrote {
             eprintln!("{line}");
         }
-    } else if let Some(line) = wrote {
+    } else if args.png.is_some() {
         // The header line of the text form: the statistics without the picture.
         let header = bm.to_string();
         println!("{name}: {}", header.lines().next().unwrap_or_default());
         println!("built in {ms_build:.3} ms");
-        println!("{line}");
+        for line in &wrote {
+            println!("{line}");
+        }
     } else {
         println!("{name}: {bm}built in {ms_build:.3} ms");
+        for line in &wrote {
+            println!("{line}");
+        }
     }
     Ok(())
+}
+
+/// Writes `mask` as a numpy bool `.npy` (format 1.0, C order): `[Nq, Nk]` for a shared mask,
+/// `[B, Nq, Nk]` for a per-batch one.
+fn write_npy(path: &Path, mask: &Mask) -> Result<()> {
+    let (nq, nk) = (mask.seq_q(), mask.seq_k());
+    let shape = if mask.is_per_batch() {
+        format!("({}, {nq}, {nk})", mask.batches())
+    } else {
+        format!("({nq}, {nk})")
+    };
+    let mut header = format!("{{'descr': '|b1', 'fortran_order': False, 'shape': {shape}, }}");
+    // numpy pads the header with spaces and a newline to a multiple of 64 bytes in all.
+    while !(10 + header.len() + 1).is_multiple_of(64) {
+        header.push(' ');
+    }
+    header.push('\n');
+    let header_len = u16::try_from(header.len()).expect("a short header");
+    let failed = |e: std::io::Error| Error::Io(format!("{}: cannot write: {e}", path.display()));
+    let mut out = BufWriter::new(File::create(path).map_err(failed)?);
+    out.write_all(b"\x93NUMPY\x01\x00").map_err(failed)?;
+    out.write_all(&header_len.to_le_bytes()).map_err(failed)?;
+    out.write_all(header.as_bytes()).map_err(failed)?;
+    let wpr = mask.words_per_row();
+    let mut row = vec![0u8; nk];
+    for b in 0..mask.batches() {
+        for words in mask.words(b).chunks_exact(wpr) {
+            for (k, byte) in row.iter_mut().enumerate() {
+                *byte = (words[k / 32] >> (k % 32) & 1) as u8;
+            }
+            out.write_all(&row).map_err(failed)?;
+        }
+    }
+    out.flush().map_err(failed)
 }

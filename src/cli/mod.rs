@@ -9,7 +9,7 @@ pub mod picture;
 pub mod run;
 
 use blockflash::kernel::DType;
-use blockflash::Path;
+use blockflash::{Error, Path, Result, Tier};
 use clap::ValueEnum;
 
 /// `--path`: which dispatch path the masked plan takes.
@@ -48,8 +48,8 @@ pub enum Precision {
     Auto,
     /// f32 storage: the portable f32 kernel, on every adapter.
     F32,
-    /// f16 storage: tensor cores where the adapter has cooperative matrices, else the portable
-    /// f16 kernel; an error on adapters without SHADER_F16.
+    /// f16 storage: the portable f16 kernel (f32 arithmetic) by default; tensor cores only with
+    /// `--tier tensor-core-f16`. An error on adapters without SHADER_F16.
     F16,
 }
 
@@ -61,6 +61,52 @@ impl Precision {
             Precision::F32 => DType::F32,
             Precision::F16 => DType::F16,
         }
+    }
+}
+
+/// `--tier`: which kernel tier runs, overriding the one the storage precision picks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum TierArg {
+    /// The tier of the precision: portable-f32 for f32, portable-f16 for f16.
+    #[default]
+    Auto,
+    /// f32 storage and arithmetic, on every adapter.
+    PortableF32,
+    /// f16 storage, f32 arithmetic (SHADER_F16).
+    PortableF16,
+    /// f16 storage, Q·Kᵀ and P·V on tensor cores through cooperative matrices (16x16x16).
+    #[value(alias = "tensor-core")]
+    TensorCoreF16,
+}
+
+impl TierArg {
+    /// The tier to force, `None` for auto.
+    pub fn forced(self) -> Option<Tier> {
+        match self {
+            TierArg::Auto => None,
+            TierArg::PortableF32 => Some(Tier::PortableF32),
+            TierArg::PortableF16 => Some(Tier::PortableF16),
+            TierArg::TensorCoreF16 => Some(Tier::TensorCore),
+        }
+    }
+
+    /// The storage type and forced tier of `--precision` with `--tier`: a forced tier decides
+    /// the storage type when the precision is auto, and must agree with an explicit one.
+    pub fn resolve(self, precision: Precision, auto: DType) -> Result<(DType, Option<Tier>)> {
+        let Some(tier) = self.forced() else {
+            return Ok((precision.dtype(auto), None));
+        };
+        let dtype = precision.dtype(tier.dtype());
+        if dtype != tier.dtype() {
+            return Err(Error::InvalidArgument {
+                what: "--tier",
+                why: format!(
+                    "tier {tier} stores {} but --precision asks for {dtype}",
+                    tier.dtype()
+                ),
+            });
+        }
+        Ok((dtype, Some(tier)))
     }
 }
 

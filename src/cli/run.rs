@@ -9,7 +9,7 @@ use blockflash::{Error, Gpu, Mask, Plan, PlanOptions, Result, Shape};
 use clap::Args;
 
 use super::io::{self, dims, Format, Tensor};
-use super::{parse_tile, PathArg, Precision};
+use super::{parse_tile, PathArg, Precision, TierArg};
 
 /// Arguments of `blockflash run`.
 #[derive(Args, Debug)]
@@ -50,6 +50,10 @@ pub struct RunArgs {
     /// the adapter has an f16 tier, else f32.
     #[arg(long, value_enum, default_value_t)]
     pub precision: Precision,
+    /// Kernel tier; auto takes the precision's (portable-f32 or portable-f16). A forced tier
+    /// sets the precision when that is auto and must agree with it otherwise.
+    #[arg(long, value_enum, default_value_t)]
+    pub tier: TierArg,
     /// Force a tile shape, query rows x key columns (default: the plan picks).
     #[arg(long, value_name = "RxC", value_parser = parse_tile)]
     pub tile: Option<(usize, usize)>,
@@ -180,8 +184,10 @@ pub fn run(args: &RunArgs) -> Result<()> {
     let gpu = Gpu::new()?;
     let f16_inputs = inputs.all_f16 && gpu.tier_for(DType::F16).is_ok();
     let auto = if f16_inputs { DType::F16 } else { DType::F32 };
+    let (dtype, tier) = args.tier.resolve(args.precision, auto)?;
     let options = PlanOptions {
-        dtype: args.precision.dtype(auto),
+        dtype,
+        tier,
         scale: args.scale,
         path: args.path.forced(),
         tile: args.tile,

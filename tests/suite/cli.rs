@@ -406,6 +406,79 @@ fn mask_json_matches_the_library_and_files() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// Reads a bool .npy file as numpy writes it: shape and bytes.
+fn read_bool_npy(path: &Path) -> (Vec<usize>, Vec<u8>) {
+    let bytes = std::fs::read(path).expect("mask file");
+    assert_eq!(&bytes[..8], b"\x93NUMPY\x01\x00", "{}", path.display());
+    let len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
+    assert_eq!((10 + len) % 64, 0, "header alignment");
+    let header = std::str::from_utf8(&bytes[10..10 + len]).expect("header");
+    assert!(header.ends_with('\n'), "{header:?}");
+    assert!(header.contains("'descr': '|b1'"), "{header}");
+    assert!(header.contains("'fortran_order': False"), "{header}");
+    let inner = &header[header.find("'shape': (").expect("shape") + 10..];
+    let shape = inner[..inner.find(')').expect("shape end")]
+        .split(',')
+        .filter(|d| !d.trim().is_empty())
+        .map(|d| d.trim().parse().expect("dimension"))
+        .collect();
+    (shape, bytes[10 + len..].to_vec())
+}
+
+/// The JSON statistics without the fields that name the source or time the build.
+fn stats_only(mut v: Value) -> Value {
+    let map = v.as_object_mut().expect("a JSON object");
+    map.remove("mask");
+    map.remove("ms_build");
+    v
+}
+
+#[test]
+fn mask_out_writes_the_bench_mask_as_npy_and_round_trips() {
+    let dir = scratch("mask-out");
+    let file = dir.join("mask.npy");
+    for (kind, seq) in [("documents", 1000), ("tree", 300), ("random-blocks", 512)] {
+        let line = format!("mask --kind {kind} --seq {seq} --json");
+        let generated = json(&ok(&format!("{line} --out {{}}"), &[&file]));
+        // The mask bench runs: the suite family at the default seed, bit for bit.
+        let (shape, bytes) = read_bool_npy(&file);
+        assert_eq!(shape, vec![seq, seq], "{kind}");
+        let want = family_mask(kind, seq, 7).unwrap();
+        let got = Mask::from_bytes(seq, seq, &bytes).unwrap();
+        assert!(
+            bytes.iter().all(|&b| b <= 1),
+            "{kind}: bool bytes are 0 or 1"
+        );
+        assert_eq!(got, want, "{kind}");
+        let read = json(&ok("mask --from {} --json", &[&file]));
+        assert_eq!(stats_only(read), stats_only(generated), "{kind}");
+    }
+    // Generator options apply; text output names the file.
+    let text = ok(
+        "mask --kind sliding-window --seq 256 --window 40 --symmetric --out {}",
+        &[&file],
+    );
+    assert!(text.contains("mask.npy"), "{text}");
+    let (_, bytes) = read_bool_npy(&file);
+    let want = Mask::sliding_window(256, 256, 40, false).unwrap();
+    assert_eq!(Mask::from_bytes(256, 256, &bytes).unwrap(), want);
+    // A per-batch mask read with --from is written back [B, Nq, Nk].
+    let two: Vec<u8> = (0..2 * 64 * 96).map(|i| u8::from(i % 7 == 0) * 3).collect();
+    let from = dir.join("two.npy");
+    std::fs::write(&from, npy("|u1", false, &[2, 64, 96], &two)).unwrap();
+    ok("mask --from {} --out {}", &[&from, &file]);
+    let (shape, bytes) = read_bool_npy(&file);
+    assert_eq!(shape, vec![2, 64, 96]);
+    let normalised: Vec<u8> = two.iter().map(|&b| u8::from(b != 0)).collect();
+    assert_eq!(bytes, normalised);
+    fails(
+        "mask --kind causal --seq 64 --out {}",
+        &[&dir.join("mask.safetensors")],
+        ".npy files only",
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 // ---- bench --------------------------------------------------------------------------------
 
 #[test]
@@ -413,7 +486,7 @@ fn bench_json_rows_hold_every_field() {
     let dir = scratch("bench");
     let rows = dir.join("rows.jsonl");
     let table = ok(
-        "bench --mask causal --seq 128 --batch 1 --heads 1 --head-dim 32 --repeat 2 --json {}",
+        "bench --mask causal --seq 128 --batch 1 --heads 1 --head-dim 32 --repeat 2 --precision f32 --json {}",
         &[&rows],
     );
     assert!(
@@ -461,6 +534,32 @@ fn bench_json_rows_hold_every_field() {
     assert!((ideal - 1.0).abs() < 1e-9, "{row}");
     assert!(num(&row, "max_rel_error") <= 1e-4);
     assert!(num(&row, "ms_plan") >= 0.0);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn bench_tier_forces_the_kernel_tier() {
+    let dir = scratch("bench-tier");
+    let rows = dir.join("rows.jsonl");
+    ok(
+        "bench --mask causal --seq 128 --batch 1 --heads 1 --head-dim 32 --repeat 1 --tier portable-f32 --json {}",
+        &[&rows],
+    );
+    let row = json(std::fs::read_to_string(&rows).unwrap().trim());
+    assert_eq!(
+        (&row["tier"], &row["precision"]),
+        (&"portable-f32".into(), &"f32".into())
+    );
+    fails(
+        "bench --mask causal --seq 128 --batch 1 --heads 1 --head-dim 32 --precision f32 --tier tensor-core-f16",
+        &[],
+        "invalid --tier",
+    );
+    fails(
+        "bench --mask causal --seq 128 --tier cuda",
+        &[],
+        "invalid value 'cuda' for '--tier",
+    );
     std::fs::remove_dir_all(&dir).ok();
 }
 
