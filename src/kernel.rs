@@ -177,21 +177,21 @@ const PORTABLE: [(usize, usize, usize, usize); 8] = [
 const TENSOR_CORE: [(usize, usize); 6] =
     [(64, 64), (64, 32), (32, 64), (32, 32), (16, 64), (16, 32)];
 
+/// Workgroup memory of common.wgsl's `walk` (vec4<u32>) and `span` (vec2<u32>).
+const WALK_BYTES: usize = 24;
+
 impl KernelConfig {
-    /// Bytes of workgroup memory the kernel declares for this configuration.
+    /// Bytes of workgroup memory the kernel declares for this configuration (checked against
+    /// the WGSL by a test).
     pub fn workgroup_bytes(&self) -> usize {
         let (br, bc, d) = (self.tile_rows, self.tile_cols, self.head_dim);
         match self.tier {
             Tier::PortableF32 | Tier::PortableF16 => {
-                4 * (br * d + bc * (self.dc + 4) + br * bc + 2 * br * self.tx) + 16
+                4 * (br * d + bc * (self.dc + 4) + br * bc + 2 * br * self.tx) + WALK_BYTES
             }
-            // Q/P staging (f16), K/V (f16), S/O staging (f32), row partials, flags
+            // q, kv (f16); s (f32); p (f16); o (f32); row partials; walk
             Tier::TensorCore => {
-                2 * br * (d.max(bc) + 8)
-                    + 2 * bc * (d + 8)
-                    + 4 * br * (d.max(bc) + 4)
-                    + 16 * br
-                    + 32
+                2 * br * d + 2 * bc * d + 6 * br * bc + 4 * br * d + 16 * br + WALK_BYTES
             }
         }
     }
@@ -416,6 +416,9 @@ impl PipelineCache {
         if k.tier != Tier::TensorCore {
             constants.extend([("DC", k.dc as f64), ("TX", k.tx as f64)]);
         }
+        // The browser cannot block on an error scope: there a failed build reaches the device's
+        // uncaptured-error handler, and the readback of the first run returns the error.
+        #[cfg(not(target_arch = "wasm32"))]
         let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
         let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
             label: Some("blockflash attention"),
@@ -428,6 +431,7 @@ impl PipelineCache {
             },
             cache: None,
         });
+        #[cfg(not(target_arch = "wasm32"))]
         if let Some(e) = pollster::block_on(scope.pop()) {
             return Err(Error::Device(format!(
                 "kernel {variant:?} failed to build: {e}"

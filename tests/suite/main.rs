@@ -1,6 +1,7 @@
 mod attention;
 mod cli;
 mod common;
+mod kernels;
 mod masks;
 mod paths;
 mod tiers;
