@@ -290,6 +290,24 @@ impl TileWidth {
     }
 }
 
+/// The tile states of one query-tile row from per-key-tile difference counts: `touched[kt]`
+/// adds the rows whose allowed keys start reaching tile kt, `covered[kt]` the rows that start
+/// covering it whole; a tile covered by all `rows` rows is full, one touched by any is partial.
+fn states_from_counts(touched: &[i32], covered: &[i32], rows: i32, states: &mut [TileState]) {
+    let (mut t, mut c) = (0, 0);
+    for (kt, state) in states.iter_mut().enumerate() {
+        t += touched[kt];
+        c += covered[kt];
+        *state = if c == rows {
+            TileState::Full
+        } else if t > 0 {
+            TileState::Partial
+        } else {
+            TileState::Empty
+        };
+    }
+}
+
 impl BlockMask {
     /// The block mask of `mask` for `tile_rows × tile_cols` tiles. `tile_rows` must be positive and
     /// `tile_cols` a positive multiple of 32 ([`Error::InvalidArgument`] otherwise).
@@ -452,18 +470,7 @@ impl BlockMask {
                 }
             }
             row_start.push(ivs.len());
-            let (mut t, mut c) = (0, 0);
-            for kt in 0..k_tiles {
-                t += touched[kt];
-                c += covered[kt];
-                states[kt] = if c == (q1 - q0) as i32 {
-                    TileState::Full
-                } else if t > 0 {
-                    TileState::Partial
-                } else {
-                    TileState::Empty
-                };
-            }
+            states_from_counts(&touched, &covered, (q1 - q0) as i32, &mut states);
             let partial = asm.push_row(&states);
             let bm = &mut asm.bm;
             let base = bm.partial_bits.len();
@@ -555,18 +562,7 @@ impl BlockMask {
                     covered[full_end] -= 1;
                 }
             }
-            let (mut t, mut c) = (0, 0);
-            for kt in 0..k_tiles {
-                t += touched[kt];
-                c += covered[kt];
-                states[kt] = if c == (q1 - q0) as i32 {
-                    TileState::Full
-                } else if t > 0 {
-                    TileState::Partial
-                } else {
-                    TileState::Empty
-                };
-            }
+            states_from_counts(&touched, &covered, (q1 - q0) as i32, &mut states);
             let partial = asm.push_row(&states);
             let bm = &mut asm.bm;
             let base = bm.partial_bits.len();

@@ -58,6 +58,16 @@ pub fn gpu() -> &'static Gpu {
     })
 }
 
+/// A band |i - j| <= `width` whose tokens were randomly shuffled: scattered tiles that Reverse
+/// Cuthill–McKee can pack again.
+pub fn shuffled_band(rng: &mut Rng, n: usize, width: usize) -> Mask {
+    let mut perm: Vec<usize> = (0..n).collect();
+    for i in (1..n).rev() {
+        perm.swap(i, rng.below(i + 1));
+    }
+    Mask::from_fn(n, n, |q, k| perm[q].abs_diff(perm[k]) <= width).expect("band")
+}
+
 /// Random Q, K, V for `shape`.
 pub fn inputs(rng: &mut Rng, shape: &Shape) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     (

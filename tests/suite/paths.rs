@@ -4,7 +4,7 @@
 use blockflash::suite::{family_mask, FAMILIES};
 use blockflash::{reference, Error, Mask, Path, Plan, PlanOptions, Reorder, Shape};
 
-use crate::common::{assert_close, check_case, gpu, inputs, run_poisoned, Rng};
+use crate::common::{assert_close, check_case, gpu, inputs, run_poisoned, shuffled_band, Rng};
 
 fn forced(path: Path, tile: Option<(usize, usize)>) -> PlanOptions {
     PlanOptions {
@@ -124,12 +124,7 @@ fn per_batch_masks_run_on_every_path() {
 fn rcm_reordering_returns_attention_in_the_original_order() {
     let mut rng = Rng::fresh("rcm");
     let n = 256;
-    // A band whose tokens were shuffled: scattered, and RCM can pack it again.
-    let mut perm: Vec<usize> = (0..n).collect();
-    for i in (1..n).rev() {
-        perm.swap(i, rng.below(i + 1));
-    }
-    let mask = Mask::from_fn(n, n, |q, k| perm[q].abs_diff(perm[k]) <= 6).unwrap();
+    let mask = shuffled_band(&mut rng, n, 6);
     let shape = Shape::new(2, 2, n, 32);
     for reorder in [Reorder::Off, Reorder::On, Reorder::Auto] {
         for path in [None, Some(Path::Sparse), Some(Path::Dense)] {

@@ -8,7 +8,7 @@ use blockflash::kernel::{DType, KernelConfig};
 use blockflash::suite::{family_mask, FAMILIES};
 use blockflash::{Error, Mask, Path, Plan, PlanOptions, Reorder, Shape, Tier};
 
-use crate::common::{check_case, gpu, Rng};
+use crate::common::{check_case, gpu, shuffled_band, Rng};
 
 fn tier_or_skip(tier: Tier) -> bool {
     match gpu().supports(tier) {
@@ -117,11 +117,7 @@ fn shapes_head_dims_and_splits(tier: Tier) {
         Some(&per_batch),
         opts(tier, None),
     );
-    let mut perm: Vec<usize> = (0..seq).collect();
-    for i in (1..seq).rev() {
-        perm.swap(i, rng.below(i + 1));
-    }
-    let shuffled = Mask::from_fn(seq, seq, |q, k| perm[q].abs_diff(perm[k]) <= 5).unwrap();
+    let shuffled = shuffled_band(&mut rng, seq, 5);
     let rcm = PlanOptions {
         reorder: Reorder::On,
         ..opts(tier, None)
