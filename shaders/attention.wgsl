@@ -16,6 +16,12 @@ const ACC_CAP: u32 = 16u;      // max output vec4 accumulators per thread (TM * 
 @group(0) @binding(1) var<storage, read> q_buf: array<vec4<Elem>>;
 @group(0) @binding(2) var<storage, read> k_buf: array<vec4<Elem>>;
 @group(0) @binding(3) var<storage, read> v_buf: array<vec4<Elem>>;
+@group(0) @binding(7) var<storage, read> bits_buf: array<u32>;
+
+// The forward kernels read mask bits from their own binding.
+fn mask_word(i: u32) -> u32 {
+    return bits_buf[i];
+}
 
 var<workgroup> q_tile: array<vec4<f32>, BR * D / 4u>;
 // K or V chunk: rows of DC/4 + 1 vec4 (the pad spreads rows over memory banks)

@@ -14,6 +14,12 @@ const HALF_CAP: u32 = 32u;     // max BC / 2
 @group(0) @binding(1) var<storage, read> q_buf: array<f16>;
 @group(0) @binding(2) var<storage, read> k_buf: array<f16>;
 @group(0) @binding(3) var<storage, read> v_buf: array<f16>;
+@group(0) @binding(7) var<storage, read> bits_buf: array<u32>;
+
+// The forward kernels read mask bits from their own binding.
+fn mask_word(i: u32) -> u32 {
+    return bits_buf[i];
+}
 
 var<workgroup> q_sh: array<f16, BR * D>;
 var<workgroup> kv_sh: array<f16, BC * D>;

@@ -12,6 +12,10 @@
 // A work item may cover only part of its query tile's walk (split-KV for heavy query tiles): it
 // then writes its normalised partial output and log-sum-exp to `scratch`, and the `merge` entry
 // point combines the parts of each query tile by log-sum-exp.
+//
+// Each kernel says where the mask bits live by defining `fn mask_word(i: u32) -> u32` (word i of
+// the bit-packed partial slots or dense mask): the forward kernels bind them on their own, the
+// backward kernels append them to their index buffer to stay within 8 storage buffers.
 
 override BR: u32 = 16u;        // query rows per tile
 override BC: u32 = 32u;        // keys per tile (multiple of 32)
@@ -42,8 +46,12 @@ struct Params {
     perm_off: u32,          // index buffer: offset of the token permutation (PERMUTED)
     merge_off: u32,         // index buffer: offset of the merge items (4 u32 each)
     scratch_lse_off: u32,   // scratch: offset of the partial log-sum-exps (after partial O)
+    t_cols_off: u32,        // backward index buffer: offset of the key-tile columns (8 u32 each)
+    t_rows_off: u32,        // backward index buffer: offset of the transposed entries (2 u32 each)
+    bits_off: u32,          // backward index buffer: offset of the mask bits
     _pad0: u32,
     _pad1: u32,
+    _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> P: Params;
@@ -53,7 +61,6 @@ struct Params {
 // first and end position within the walk, 2 unused), then the per-row table at rows_off, the
 // key-tile list at cols_off, the permutation at perm_off and the merge items at merge_off.
 @group(0) @binding(6) var<storage, read> index_buf: array<u32>;
-@group(0) @binding(7) var<storage, read> bits_buf: array<u32>;
 // Partial results of split work items: O parts [slot][z][head][BR][D], then LSE parts.
 @group(0) @binding(8) var<storage, read_write> scratch: array<f32>;
 
@@ -157,10 +164,10 @@ fn allowed(t: Tile, it: Item, r: u32, key: u32) -> bool {
     if (t.state == 1u) {
         let col = key % BC;
         let w = t.slot * BR * (BC / 32u) + r * (BC / 32u) + col / 32u;
-        return ((bits_buf[w] >> (col % 32u)) & 1u) != 0u;
+        return ((mask_word(w) >> (col % 32u)) & 1u) != 0u;
     }
     let w = it.b * P.mask_batch_stride + (it.qt * BR + r) * P.words_per_row + key / 32u;
-    return ((bits_buf[w] >> (key % 32u)) & 1u) != 0u;
+    return ((mask_word(w) >> (key % 32u)) & 1u) != 0u;
 }
 
 // Where row `r` of the item's query tile goes: an output row, or a split part.

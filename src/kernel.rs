@@ -1,5 +1,5 @@
-//! The forward attention kernel: its tile configurations, the one WGSL source specialised by
-//! `override` constants, and the pipeline cache.
+//! The attention kernels: the forward kernel's tile configurations, the backward kernels' step
+//! size, the WGSL sources specialised by `override` constants, and the pipeline cache.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -14,6 +14,8 @@ pub const COMMON_WGSL: &str = include_str!("../shaders/common.wgsl");
 pub const ATTENTION_WGSL: &str = include_str!("../shaders/attention.wgsl");
 /// WGSL of the tensor-core kernel (cooperative matrices, f16 storage).
 pub const ATTENTION_COOP_WGSL: &str = include_str!("../shaders/attention_coop.wgsl");
+/// WGSL of the backward kernels (pre-pass, dK/dV, dQ; f32 arithmetic on f32 or f16 storage).
+pub const BACKWARD_WGSL: &str = include_str!("../shaders/backward.wgsl");
 
 /// Storage type of Q, K, V and O.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -77,14 +79,57 @@ impl fmt::Display for DType {
 /// code and the kernel's own.
 pub fn module_source(tier: Tier) -> String {
     let (prologue, kernel) = match tier {
-        Tier::PortableF32 => ("alias Elem = f32;\n", ATTENTION_WGSL),
-        Tier::PortableF16 => ("enable f16;\nalias Elem = f16;\n", ATTENTION_WGSL),
+        Tier::PortableF32 | Tier::PortableF16 => (storage_prologue(tier.dtype()), ATTENTION_WGSL),
         Tier::TensorCore => (
             "enable f16;\nenable wgpu_cooperative_matrix;\nalias Elem = f16;\n",
             ATTENTION_COOP_WGSL,
         ),
     };
     format!("{prologue}{COMMON_WGSL}\n{kernel}")
+}
+
+/// The prologue that defines `Elem` as `dtype` (and enables f16 when needed).
+fn storage_prologue(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F32 => "alias Elem = f32;\n",
+        DType::F16 => "enable f16;\nalias Elem = f16;\n",
+    }
+}
+
+/// The WGSL module of the backward kernels for storage type `dtype` (every tier runs the
+/// portable backward on its storage type).
+pub fn backward_module_source(dtype: DType) -> String {
+    format!("{}{COMMON_WGSL}\n{BACKWARD_WGSL}", storage_prologue(dtype))
+}
+
+/// Invocations per workgroup of the backward kernels (the WebGPU baseline maximum).
+pub const BACKWARD_THREADS: usize = 256;
+// Capacities of the backward kernels' per-thread accumulators (ACC_CAP, DQ_CAP).
+const BACKWARD_ACC_CAP: usize = 64;
+const BACKWARD_DQ_CAP: usize = 16;
+
+/// Bytes of workgroup memory of the backward kernels at `rows` query rows per step: Q, dO, P,
+/// dS and the row statistics, plus common.wgsl's walk.
+pub fn backward_workgroup_bytes(tile_cols: usize, head_dim: usize, rows: usize) -> usize {
+    4 * (2 * rows * head_dim + 2 * rows * tile_cols + 2 * rows) + WALK_BYTES
+}
+
+/// Query rows per step of the backward kernels for the tiles of `config`: the most (up to 16)
+/// that divide the tile's rows and fit the per-thread accumulators and the workgroup memory of
+/// `limits`; `None` when the tile shape does not fit them at all.
+pub fn backward_rows_per_step(config: &KernelConfig, limits: &wgpu::Limits) -> Option<usize> {
+    let (bc, d) = (config.tile_cols, config.head_dim);
+    let threads_ok = BACKWARD_THREADS <= limits.max_compute_invocations_per_workgroup as usize
+        && BACKWARD_THREADS <= limits.max_compute_workgroup_size_x as usize;
+    if !threads_ok || bc * d > BACKWARD_ACC_CAP * BACKWARD_THREADS {
+        return None;
+    }
+    [16, 8, 4, 2, 1].into_iter().find(|&rs| {
+        config.tile_rows.is_multiple_of(rs)
+            && rs * d <= BACKWARD_DQ_CAP * BACKWARD_THREADS
+            && backward_workgroup_bytes(bc, d, rs)
+                <= limits.max_compute_workgroup_storage_size as usize
+    })
 }
 
 /// Which key tiles a workgroup walks.
@@ -289,7 +334,10 @@ pub(crate) struct Params {
     pub perm_off: u32,
     pub merge_off: u32,
     pub scratch_lse_off: u32,
-    pub pad: [u32; 2],
+    pub t_cols_off: u32,
+    pub t_rows_off: u32,
+    pub bits_off: u32,
+    pub pad: [u32; 3],
 }
 
 /// One specialisation of the kernel.
@@ -304,6 +352,29 @@ pub(crate) struct Variant {
     pub merge: bool,
 }
 
+/// The three passes of the backward, in dispatch order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum BackwardPass {
+    /// D = rowsum(dO ∘ O) and the LSE in log2 units, per query row.
+    Pre,
+    /// dK and dV, one workgroup per key tile.
+    DkDv,
+    /// dQ, one workgroup per query tile.
+    Dq,
+}
+
+/// One specialisation of the backward kernels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct BackwardVariant {
+    pub config: KernelConfig,
+    pub path: Path,
+    pub dense_mask: bool,
+    pub permuted: bool,
+    /// Query rows per step (from [`backward_rows_per_step`]).
+    pub rows: usize,
+    pub pass: BackwardPass,
+}
+
 /// Compiled pipelines of one device, shared by every plan on it.
 #[derive(Clone, Default)]
 pub(crate) struct PipelineCache {
@@ -315,6 +386,62 @@ struct CacheInner {
     modules: HashMap<Tier, wgpu::ShaderModule>,
     layout: Option<(wgpu::BindGroupLayout, wgpu::PipelineLayout)>,
     pipelines: HashMap<Variant, wgpu::ComputePipeline>,
+    backward_modules: HashMap<DType, wgpu::ShaderModule>,
+    backward: HashMap<BackwardVariant, (wgpu::ComputePipeline, wgpu::BindGroupLayout)>,
+}
+
+/// A shader module from blockflash's own WGSL, without wgpu's loop bounding.
+fn trusted_module(device: &wgpu::Device, label: &str, source: String) -> wgpu::ShaderModule {
+    // SAFETY: every loop of the kernels has a finite trip count (bounds come from override
+    // constants and block-mask tables the host built), so wgpu's loop bounding only blocks the
+    // driver from unrolling; bounds checks stay on.
+    unsafe {
+        device.create_shader_module_trusted(
+            wgpu::ShaderModuleDescriptor {
+                label: Some(label),
+                source: wgpu::ShaderSource::Wgsl(source.into()),
+            },
+            wgpu::ShaderRuntimeChecks {
+                force_loop_bounding: false,
+                ..wgpu::ShaderRuntimeChecks::checked()
+            },
+        )
+    }
+}
+
+/// Builds a compute pipeline, turning a validation error into [`Error::Device`] naming `what`.
+fn build_pipeline(
+    device: &wgpu::Device,
+    what: &dyn fmt::Debug,
+    layout: Option<&wgpu::PipelineLayout>,
+    module: &wgpu::ShaderModule,
+    entry: &str,
+    constants: &[(&str, f64)],
+) -> Result<wgpu::ComputePipeline> {
+    // The browser cannot block on an error scope: there a failed build reaches the device's
+    // uncaptured-error handler, and the readback of the first run returns the error.
+    #[cfg(not(target_arch = "wasm32"))]
+    let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+    let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+        label: Some("blockflash attention"),
+        layout,
+        module,
+        entry_point: Some(entry),
+        compilation_options: wgpu::PipelineCompilationOptions {
+            constants,
+            zero_initialize_workgroup_memory: false,
+        },
+        cache: None,
+    });
+    #[cfg(not(target_arch = "wasm32"))]
+    if let Some(e) = pollster::block_on(scope.pop()) {
+        return Err(Error::Device(format!(
+            "kernel {what:?} failed to build: {e}"
+        )));
+    }
+    #[cfg(target_arch = "wasm32")]
+    let _ = what;
+    Ok(pipeline)
 }
 
 fn storage(binding: u32, read_only: bool) -> wgpu::BindGroupLayoutEntry {
@@ -345,23 +472,11 @@ impl PipelineCache {
             .modules
             .entry(variant.config.tier)
             .or_insert_with(|| {
-                // SAFETY: every loop of the kernels has a finite trip count (bounds come from
-                // override constants and block-mask tables the host built), so wgpu's loop
-                // bounding only blocks the driver from unrolling; bounds checks stay on.
-                unsafe {
-                    device.create_shader_module_trusted(
-                        wgpu::ShaderModuleDescriptor {
-                            label: Some("blockflash attention"),
-                            source: wgpu::ShaderSource::Wgsl(
-                                module_source(variant.config.tier).into(),
-                            ),
-                        },
-                        wgpu::ShaderRuntimeChecks {
-                            force_loop_bounding: false,
-                            ..wgpu::ShaderRuntimeChecks::checked()
-                        },
-                    )
-                }
+                trusted_module(
+                    device,
+                    "blockflash attention",
+                    module_source(variant.config.tier),
+                )
             })
             .clone();
         let (bgl, layout) = c
@@ -416,28 +531,61 @@ impl PipelineCache {
         if k.tier != Tier::TensorCore {
             constants.extend([("DC", k.dc as f64), ("TX", k.tx as f64)]);
         }
-        // The browser cannot block on an error scope: there a failed build reaches the device's
-        // uncaptured-error handler, and the readback of the first run returns the error.
-        #[cfg(not(target_arch = "wasm32"))]
-        let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-            label: Some("blockflash attention"),
-            layout: Some(&layout),
-            module: &module,
-            entry_point: Some(if variant.merge { "merge" } else { "main" }),
-            compilation_options: wgpu::PipelineCompilationOptions {
-                constants: &constants,
-                zero_initialize_workgroup_memory: false,
-            },
-            cache: None,
-        });
-        #[cfg(not(target_arch = "wasm32"))]
-        if let Some(e) = pollster::block_on(scope.pop()) {
-            return Err(Error::Device(format!(
-                "kernel {variant:?} failed to build: {e}"
-            )));
-        }
+        let pipeline = build_pipeline(
+            device,
+            &variant,
+            Some(&layout),
+            &module,
+            if variant.merge { "merge" } else { "main" },
+            &constants,
+        )?;
         c.pipelines.insert(variant, pipeline.clone());
         Ok((pipeline, bgl))
+    }
+
+    /// The pipeline of a backward pass and its bind group layout, compiled on first use. The
+    /// layout is the pass's own (derived from the shader), holding only the bindings it uses,
+    /// so that each pass stays within the adapter's storage buffers per stage.
+    pub fn get_backward(
+        &self,
+        device: &wgpu::Device,
+        variant: BackwardVariant,
+    ) -> Result<(wgpu::ComputePipeline, wgpu::BindGroupLayout)> {
+        let mut c = self
+            .inner
+            .lock()
+            .map_err(|_| Error::Device("pipeline cache poisoned".into()))?;
+        if let Some(p) = c.backward.get(&variant) {
+            return Ok(p.clone());
+        }
+        let dtype = variant.config.tier.dtype();
+        let module = c
+            .backward_modules
+            .entry(dtype)
+            .or_insert_with(|| {
+                trusted_module(device, "blockflash backward", backward_module_source(dtype))
+            })
+            .clone();
+        let k = variant.config;
+        let constants = [
+            ("BR", k.tile_rows as f64),
+            ("BC", k.tile_cols as f64),
+            ("D", k.head_dim as f64),
+            ("THREADS", BACKWARD_THREADS as f64),
+            ("PATH", variant.path.code() as f64),
+            ("DENSE_MASK", variant.dense_mask as u32 as f64),
+            ("PERMUTED", variant.permuted as u32 as f64),
+            ("RS", variant.rows as f64),
+        ];
+        let entry = match variant.pass {
+            BackwardPass::Pre => "pre",
+            BackwardPass::DkDv => "dkdv",
+            BackwardPass::Dq => "dq",
+        };
+        let pipeline = build_pipeline(device, &variant, None, &module, entry, &constants)?;
+        let bgl = pipeline.get_bind_group_layout(0);
+        let pair = (pipeline, bgl);
+        c.backward.insert(variant, pair.clone());
+        Ok(pair)
     }
 }

@@ -3,8 +3,11 @@
 //!
 //! The data path, one module each: [`mask`] (which query/key pairs are allowed) →
 //! [`block_mask`] (empty, partial and full tiles) → [`plan`] (tile shape, path, work order,
-//! buffers) → [`kernel`] (the WGSL kernel and its pipelines) → read back. [`reference`] is the
-//! f64 CPU attention every kernel is checked against; [`gpu`] wraps the wgpu device.
+//! buffers) → [`kernel`] (the WGSL kernel and its pipelines) → read back.
+//! [`reference`](mod@reference) is the f64 CPU attention every kernel is checked against;
+//! [`gpu`] wraps the wgpu device. A plan also runs the backward pass ([`Plan::backward`],
+//! [`Plan::encode_backward`]) with the same tile skipping, checked against
+//! [`reference::attention_backward`].
 //!
 //! ```no_run
 //! use blockflash::{Gpu, Mask, Plan, PlanOptions, Shape};
@@ -35,6 +38,6 @@ pub use error::{Error, Result};
 pub use gpu::{Gpu, Tier};
 pub use kernel::{KernelConfig, Path};
 pub use mask::Mask;
-pub use plan::{Plan, PlanOptions, Reorder, Tensors};
-pub use reference::Output;
+pub use plan::{BackwardTensors, Plan, PlanOptions, Reorder, Tensors};
+pub use reference::{Gradients, Output};
 pub use shape::Shape;

@@ -1,9 +1,10 @@
 //! `Plan`: built once from a mask and a problem shape, run many times. It picks the tile shape
 //! and the path (dense, run-length, sparse list), orders the work, optionally reorders tokens
-//! with Reverse Cuthill–McKee, uploads its index buffers once, and dispatches the kernel.
+//! with Reverse Cuthill–McKee, uploads its index buffers once, and dispatches the kernel. The
+//! backward pass lives in the `backward` child module.
 
 use std::fmt::Write as _;
-use std::time::Instant;
+use std::sync::OnceLock;
 
 use wgpu::util::DeviceExt;
 
@@ -14,6 +15,10 @@ use crate::kernel::{DType, KernelConfig, Params, Path, Variant};
 use crate::mask::Mask;
 use crate::reference::{check_mask, Output};
 use crate::shape::Shape;
+use crate::timing::Instant;
+
+mod backward;
+pub use backward::BackwardTensors;
 
 /// Whether the plan reorders tokens with Reverse Cuthill–McKee.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -91,6 +96,8 @@ struct Chunk {
     hk0: usize,
     nhk: usize,
     params: wgpu::Buffer,
+    /// The values in `params` (the backward's parameters start from them).
+    params_data: Params,
     index: wgpu::Buffer,
     items: u32,
     merges: u32,
@@ -123,7 +130,13 @@ pub struct Plan {
     write_lse: bool,
     block_mask: Option<BlockMask>,
     permuted: Option<(usize, usize)>,
+    /// The RCM permutation (empty when tokens are not reordered).
+    perm: Vec<u32>,
+    per_batch: bool,
     chunks: Vec<Chunk>,
+    /// Buffers of the backward pass, built on its first call (forward-only plans never pay for
+    /// the transposed block mask).
+    backward: OnceLock<backward::Backward>,
     bits: wgpu::Buffer,
     why: String,
     build_ms: f64,
@@ -373,27 +386,7 @@ impl Plan {
         let q_tiles = shape.seq_q.div_ceil(config.tile_rows);
         let k_tiles = shape.seq_k.div_ceil(config.tile_cols);
         let per_batch = mask_used.is_some_and(|m| m.is_per_batch());
-        let (rows_tab, cols_tab): (Vec<u32>, Vec<u32>) = match (&block_mask, path) {
-            (Some(bm), Path::RunLength) => {
-                let runs = bm.runs().expect("eligible");
-                let mut t = Vec::with_capacity(runs.len() * 8);
-                for (r, run) in runs.iter().enumerate() {
-                    t.extend_from_slice(run);
-                    t.extend_from_slice(&[bm.partial_base()[r], 0, 0, 0]);
-                }
-                (t, Vec::new())
-            }
-            (Some(bm), Path::Sparse) => {
-                let rp = bm.row_ptr();
-                let mut t = Vec::with_capacity((rp.len() - 1) * 8);
-                for r in 0..rp.len() - 1 {
-                    t.extend_from_slice(&[rp[r], rp[r + 1], bm.full_count()[r], 0]);
-                    t.extend_from_slice(&[bm.partial_base()[r], 0, 0, 0]);
-                }
-                (t, bm.cols().to_vec())
-            }
-            _ => (Vec::new(), Vec::new()),
-        };
+        let (rows_tab, cols_tab) = walk_tables(block_mask.as_ref(), path);
         let perm: Vec<u32> = reordered.as_ref().map(|r| r.1.clone()).unwrap_or_default();
         let row_work = |b: usize, qt: usize| -> usize {
             match (&block_mask, path) {
@@ -425,7 +418,8 @@ impl Plan {
         let bits_buf = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
             label: Some("blockflash mask bits"),
             contents: bytemuck::cast_slice(if bits.is_empty() { &[0u32; 4] } else { &bits }),
-            usage: wgpu::BufferUsages::STORAGE,
+            // COPY_SRC: the backward copies the bits into its index buffer.
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
         });
 
         let chunk_dims = split_work(
@@ -503,7 +497,10 @@ impl Plan {
                 perm_off,
                 merge_off,
                 scratch_lse_off,
-                pad: [0; 2],
+                t_cols_off: 0,
+                t_rows_off: 0,
+                bits_off: 0,
+                pad: [0; 3],
             };
             let params_buf = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
                 label: Some("blockflash params"),
@@ -521,6 +518,7 @@ impl Plan {
                 hk0,
                 nhk,
                 params: params_buf,
+                params_data: params,
                 index: index_buf,
                 items: work.items.len() as u32,
                 merges: work.merges.len() as u32,
@@ -539,7 +537,10 @@ impl Plan {
             write_lse: options.write_lse,
             block_mask,
             permuted: reordered.map(|r| (r.2, r.3)),
+            perm,
+            per_batch,
             chunks,
+            backward: OnceLock::new(),
             bits: bits_buf,
             why,
             build_ms: 0.0,
@@ -789,13 +790,20 @@ impl Plan {
         Ok(())
     }
 
-    /// Runs attention on host tensors and reads the result back (blocking).
+    /// Runs attention on host tensors and reads the result back (blocking; in the browser use
+    /// [`Plan::run_async`]).
     ///
     /// Q `[B, H, Nq, d]`, K and V `[B, Hkv, Nk, d]` row-major f32; returns O `[B, H, Nq, d]`
     /// and LSE `[B, H, Nq]` (natural log; −∞ for rows with no allowed key; empty when the
     /// plan does not write it). A plan with f16 storage rounds the inputs to f16 on upload and
     /// returns the f16 output widened to f32.
     pub fn run(&self, q: &[f32], k: &[f32], v: &[f32]) -> Result<Output<f32>> {
+        pollster::block_on(self.run_async(q, k, v))
+    }
+
+    /// [`Plan::run`] as a future, for the browser, where waiting for the GPU must yield to the
+    /// page's event loop. On native it blocks inside the first poll, like [`Plan::run`].
+    pub async fn run_async(&self, q: &[f32], k: &[f32], v: &[f32]) -> Result<Output<f32>> {
         let s = self.shape;
         s.check_inputs(q.len(), k.len(), v.len())?;
         let mut o = vec![0f32; s.q_len()];
@@ -830,7 +838,7 @@ impl Plan {
                 chunk.hk0 * s.seq_k * d,
                 kv_rows,
             );
-            let (oc, lc) = self.run_chunk(chunk, &qc, &kc, &vc)?;
+            let (oc, lc) = self.run_chunk(chunk, &qc, &kc, &vc).await?;
             for bl in 0..chunk.nb {
                 let b = chunk.b0 + bl;
                 o[b * s.heads * s.seq_q * d + chunk.hk0 * g * s.seq_q * d..][..q_rows]
@@ -845,7 +853,7 @@ impl Plan {
         Ok(Output { o, lse })
     }
 
-    fn run_chunk(
+    async fn run_chunk(
         &self,
         chunk: &Chunk,
         q: &[f32],
@@ -881,15 +889,42 @@ impl Plan {
             lse: &lb,
         };
         self.encode_chunk(&mut encoder, chunk, &t, None)?;
-        let bytes = crate::readback::read_bytes(
+        let bytes = crate::readback::read_bytes_async(
             &self.gpu,
             encoder,
             &[(&ob, e.bytes(q.len())), (&lb, 4 * lse_len as u64)],
-        )?;
+        )
+        .await?;
         Ok((
             e.decode(&bytes[0], q.len()),
             DType::F32.decode(&bytes[1], lse_len),
         ))
+    }
+}
+
+/// The per-row table (2 x vec4 per row) and the key-tile list of the walk over `path`, as the
+/// kernels read them from the index buffer (empty for the dense path).
+fn walk_tables(block_mask: Option<&BlockMask>, path: Path) -> (Vec<u32>, Vec<u32>) {
+    match (block_mask, path) {
+        (Some(bm), Path::RunLength) => {
+            let runs = bm.runs().expect("eligible");
+            let mut t = Vec::with_capacity(runs.len() * 8);
+            for (r, run) in runs.iter().enumerate() {
+                t.extend_from_slice(run);
+                t.extend_from_slice(&[bm.partial_base()[r], 0, 0, 0]);
+            }
+            (t, Vec::new())
+        }
+        (Some(bm), Path::Sparse) => {
+            let rp = bm.row_ptr();
+            let mut t = Vec::with_capacity((rp.len() - 1) * 8);
+            for r in 0..rp.len() - 1 {
+                t.extend_from_slice(&[rp[r], rp[r + 1], bm.full_count()[r], 0]);
+                t.extend_from_slice(&[bm.partial_base()[r], 0, 0, 0]);
+            }
+            (t, bm.cols().to_vec())
+        }
+        _ => (Vec::new(), Vec::new()),
     }
 }
 

@@ -174,3 +174,80 @@ pub fn sampled_error(
     }
     worst
 }
+
+/// Gradients of attention with respect to Q, K and V (shapes of Q, K and V).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Gradients<T> {
+    /// dL/dQ `[B, H, Nq, d]`.
+    pub dq: Vec<T>,
+    /// dL/dK `[B, Hkv, Nk, d]` (summed over the query heads of each group).
+    pub dk: Vec<T>,
+    /// dL/dV `[B, Hkv, Nk, d]` (summed over the query heads of each group).
+    pub dv: Vec<T>,
+}
+
+/// The attention backward pass in f64 on the CPU: the gradients of `sum(O ∘ dO)` with respect to
+/// Q, K and V, for the same arguments as [`attention`] plus the upstream gradient `d_o`
+/// `[B, H, Nq, d]`.
+///
+/// Per row it recomputes P = softmax(scale·q·Kᵀ) over the allowed keys, then dV += Pᵀ dO,
+/// dP = dO Vᵀ, dS = P ∘ (dP − rowsum(dO ∘ O)), dQ = scale·dS K, dK += scale·dSᵀ Q. Rows with no
+/// allowed key contribute nothing (their dQ is 0).
+pub fn attention_backward(
+    shape: &Shape,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    mask: Option<&Mask>,
+    scale: Option<f32>,
+    d_o: &[f32],
+) -> Result<Gradients<f64>> {
+    shape.validate()?;
+    shape.check_inputs(q.len(), k.len(), v.len())?;
+    if d_o.len() != shape.q_len() {
+        return Err(Error::ShapeMismatch {
+            what: "d_o",
+            expected: format!("{} elements (the shape of q)", shape.q_len()),
+            got: format!("{} elements", d_o.len()),
+        });
+    }
+    if let Some(m) = mask {
+        check_mask(shape, m)?;
+    }
+    let scale = scale.unwrap_or(shape.default_scale()) as f64;
+    let d = shape.head_dim;
+    let mut dq = vec![0.0f64; shape.q_len()];
+    let mut dk = vec![0.0f64; shape.kv_len()];
+    let mut dv = vec![0.0f64; shape.kv_len()];
+    let dot =
+        |a: &[f32], b: &[f32]| -> f64 { a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum() };
+    for b in 0..shape.batch {
+        for h in 0..shape.heads {
+            let hk = h / shape.group();
+            let kv_base = (b * shape.kv_heads + hk) * shape.seq_k * d;
+            for i in 0..shape.seq_q {
+                let row = ((b * shape.heads + h) * shape.seq_q + i) * d;
+                let (o, lse) = attention_row(shape, q, k, v, mask, scale as f32, b, h, i);
+                if lse == f64::NEG_INFINITY {
+                    continue;
+                }
+                let (qrow, dorow) = (&q[row..][..d], &d_o[row..][..d]);
+                let delta: f64 = dorow.iter().zip(&o).map(|(&g, &o)| g as f64 * o).sum();
+                for j in 0..shape.seq_k {
+                    if mask.is_some_and(|m| !m.get(b, i, j)) {
+                        continue;
+                    }
+                    let (krow, vrow) = (&k[kv_base + j * d..][..d], &v[kv_base + j * d..][..d]);
+                    let p = (dot(qrow, krow) * scale - lse).exp();
+                    let ds = p * (dot(dorow, vrow) - delta);
+                    for c in 0..d {
+                        dv[kv_base + j * d + c] += p * dorow[c] as f64;
+                        dk[kv_base + j * d + c] += scale * ds * qrow[c] as f64;
+                        dq[row + c] += scale * ds * krow[c] as f64;
+                    }
+                }
+            }
+        }
+    }
+    Ok(Gradients { dq, dk, dv })
+}

@@ -1,14 +1,19 @@
 //! Timing plans on the GPU: timestamp queries around each run where the adapter has them, wall
 //! clock around a completed submission otherwise. Medians after a warm-up.
 
-use std::time::Instant;
-
 use wgpu::util::DeviceExt;
 
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::kernel::DType;
 use crate::plan::{Plan, Tensors};
+
+/// The wall clock: `std::time::Instant`, which panics on `wasm32-unknown-unknown`, where the
+/// page's `performance.now()` stands in.
+#[cfg(not(target_arch = "wasm32"))]
+pub(crate) use std::time::Instant;
+#[cfg(target_arch = "wasm32")]
+pub(crate) use web_time::Instant;
 
 /// GPU-resident inputs and outputs for a plan, uploaded once for repeated runs.
 pub struct Resident {
@@ -96,8 +101,21 @@ pub enum Clock {
 }
 
 /// Runs `plan` `warmup + repeats` times on resident buffers; returns the median milliseconds
-/// of the last `repeats` runs and how they were measured.
+/// of the last `repeats` runs and how they were measured (blocking; in the browser use
+/// [`median_ms_async`]).
 pub fn median_ms(
+    gpu: &Gpu,
+    plan: &Plan,
+    buffers: &Resident,
+    warmup: usize,
+    repeats: usize,
+) -> Result<(f64, Clock)> {
+    pollster::block_on(median_ms_async(gpu, plan, buffers, warmup, repeats))
+}
+
+/// [`median_ms`] as a future, for the browser, where each run's completion is awaited from the
+/// page's event loop. On native it blocks inside the first poll, like [`median_ms`].
+pub async fn median_ms_async(
     gpu: &Gpu,
     plan: &Plan,
     buffers: &Resident,
@@ -136,11 +154,25 @@ pub fn median_ms(
         }
         let t0 = Instant::now();
         gpu.queue().submit([enc.finish()]);
+        // Done: the timestamps are mapped, or (without them) the submission has completed.
+        let (tx, done) = futures_intrusive::channel::shared::oneshot_channel();
         if query.is_some() {
-            read.slice(..).map_async(wgpu::MapMode::Read, |_| {});
+            read.slice(..).map_async(wgpu::MapMode::Read, move |r| {
+                tx.send(r.map_err(|e| e.to_string())).ok();
+            });
+        } else {
+            gpu.queue().on_submitted_work_done(move || {
+                tx.send(Ok(())).ok();
+            });
         }
+        // A no-op in the browser, which polls the device itself.
         dev.poll(wgpu::PollType::wait_indefinitely())
             .map_err(|e| Error::Device(format!("waiting for the GPU failed: {e}")))?;
+        match done.receive().await {
+            Some(Ok(())) => {}
+            Some(Err(e)) => return Err(Error::Device(format!("mapping timestamps failed: {e}"))),
+            None => return Err(Error::Device("waiting for the GPU was cancelled".into())),
+        }
         let wall = t0.elapsed().as_secs_f64() * 1e3;
         gpu.check_lost()?;
         let ms = if query.is_some() {

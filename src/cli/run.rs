@@ -1,5 +1,6 @@
 //! `blockflash run`: attention on Q, K, V (and a mask) read from `.npy` or `.safetensors` files,
-//! with O and the log-sum-exp written back as float32.
+//! with O and the log-sum-exp written back as float32; given an upstream gradient dO, also the
+//! backward pass, with dQ, dK and dV written back as float32.
 
 use std::path::{Path as FsPath, PathBuf};
 use std::time::Instant;
@@ -39,6 +40,19 @@ pub struct RunArgs {
     /// key): .npy, or .safetensors (tensor "lse").
     #[arg(long, value_name = "FILE")]
     pub lse: Option<PathBuf>,
+    /// Upstream gradient dL/dO [B, H, Nq, d] (the shape of q): runs the backward pass too and
+    /// writes --dq, --dk and --dv.
+    #[arg(long = "do", value_name = "FILE", requires_all = ["dq", "dk", "dv"])]
+    pub d_o: Option<PathBuf>,
+    /// Gradient dL/dQ [B, H, Nq, d] as float32: .npy, or .safetensors (tensor "dq").
+    #[arg(long, value_name = "FILE", requires = "d_o")]
+    pub dq: Option<PathBuf>,
+    /// Gradient dL/dK [B, Hkv, Nk, d] as float32 (summed over the query heads of each group).
+    #[arg(long, value_name = "FILE", requires = "d_o")]
+    pub dk: Option<PathBuf>,
+    /// Gradient dL/dV [B, Hkv, Nk, d] as float32 (summed over the query heads of each group).
+    #[arg(long, value_name = "FILE", requires = "d_o")]
+    pub dv: Option<PathBuf>,
     /// Softmax scale (default 1/sqrt(d)).
     #[arg(long, value_name = "S")]
     pub scale: Option<f32>,
@@ -160,7 +174,10 @@ fn load(args: &RunArgs) -> Result<Inputs> {
 pub fn run(args: &RunArgs) -> Result<()> {
     // Refuse unknown output types before any work.
     Format::of(&args.out)?;
-    if let Some(p) = &args.lse {
+    for p in [&args.lse, &args.dq, &args.dk, &args.dv]
+        .into_iter()
+        .flatten()
+    {
         Format::of(p)?;
     }
     let t0 = Instant::now();
@@ -181,6 +198,22 @@ pub fn run(args: &RunArgs) -> Result<()> {
         },
         t0.elapsed().as_secs_f64() * 1e3
     );
+    // The upstream gradient, checked against Q's shape before the GPU starts.
+    let d_o = match &args.d_o {
+        Some(p) => {
+            let t = io::read_tensor(p, "do")?;
+            let want = [s.batch, s.heads, s.seq_q, s.head_dim];
+            if t.shape != want {
+                return Err(Error::ShapeMismatch {
+                    what: "do",
+                    expected: format!("{} (the shape of q)", dims(&want)),
+                    got: dims(&t.shape),
+                });
+            }
+            Some(t.to_f32("do")?)
+        }
+        None => None,
+    };
     let gpu = Gpu::new()?;
     let f16_inputs = inputs.all_f16 && gpu.tier_for(DType::F16).is_ok();
     let auto = if f16_inputs { DType::F16 } else { DType::F32 };
@@ -191,7 +224,8 @@ pub fn run(args: &RunArgs) -> Result<()> {
         scale: args.scale,
         path: args.path.forced(),
         tile: args.tile,
-        write_lse: args.lse.is_some(),
+        // The backward pass recomputes P from the forward log-sum-exp.
+        write_lse: args.lse.is_some() || d_o.is_some(),
         ..Default::default()
     };
     let plan = Plan::new(&gpu, s, inputs.mask.as_ref(), options)?;
@@ -211,6 +245,28 @@ pub fn run(args: &RunArgs) -> Result<()> {
     )?;
     if let Some(p) = &args.lse {
         write(p, "lse", &[s.batch, s.heads, s.seq_q], &out.lse)?;
+    }
+    if let Some(d_o) = &d_o {
+        let t2 = Instant::now();
+        let g = plan.backward(&inputs.q, &inputs.k, &inputs.v, &out.o, &out.lse, d_o)?;
+        eprintln!(
+            "backward in {:.1} ms (with transfers)",
+            t2.elapsed().as_secs_f64() * 1e3
+        );
+        let q_dims = [s.batch, s.heads, s.seq_q, s.head_dim];
+        let kv_dims = [s.batch, s.kv_heads, s.seq_k, s.head_dim];
+        for (path, name, dims, data) in [
+            (&args.dq, "dq", q_dims, &g.dq),
+            (&args.dk, "dk", kv_dims, &g.dk),
+            (&args.dv, "dv", kv_dims, &g.dv),
+        ] {
+            write(
+                path.as_deref().expect("clap requires it"),
+                name,
+                &dims,
+                data,
+            )?;
+        }
     }
     Ok(())
 }

@@ -1,9 +1,11 @@
 //! The dense kernel against the f64 reference: shapes, head dims, GQA, masks, edge cases, and
 //! the host and GPU-resident forms.
 
-use blockflash::{reference, Error, Gpu, Mask, Path, Plan, PlanOptions, Shape};
+use blockflash::{reference, Error, Mask, Path, Plan, PlanOptions, Shape};
 
-use crate::common::{assert_close, check_case, gpu, inputs, rel_l2, run_poisoned, Rng};
+use crate::common::{
+    assert_close, check_case, gpu, inputs, rel_l2, run_poisoned, small_binding_gpu, Rng,
+};
 
 fn dense() -> PlanOptions {
     PlanOptions {
@@ -136,21 +138,7 @@ fn host_form_equals_gpu_resident_form() {
 #[test]
 fn inputs_over_the_binding_limit_are_split_over_batch_and_heads() {
     // A device with a 64 KiB storage binding forces the host form to split the work.
-    let adapter = pollster::block_on(
-        wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env())
-            .request_adapter(&Default::default()),
-    )
-    .expect("adapter");
-    let limits = wgpu::Limits {
-        max_storage_buffer_binding_size: 64 << 10,
-        ..adapter.limits()
-    };
-    let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
-        required_limits: limits,
-        ..Default::default()
-    }))
-    .expect("device");
-    let small = Gpu::from_device(device, queue, adapter.get_info(), Vec::new());
+    let small = small_binding_gpu();
     let mut rng = Rng::fresh("split");
     for shape in [
         Shape {

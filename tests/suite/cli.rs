@@ -283,6 +283,85 @@ fn run_on_npy_files_matches_the_reference() {
 }
 
 #[test]
+fn run_with_an_upstream_gradient_writes_the_gradients() {
+    let mut rng = Rng::fresh("cli run backward");
+    let dir = scratch("run-backward");
+    let file = |name: &str, shape: &[usize], x: &[f32]| {
+        let p = dir.join(name);
+        std::fs::write(&p, npy("<f4", false, shape, &f32_bytes(x))).expect("write input");
+        p
+    };
+    // Grouped-query heads, Nq != Nk, lengths off the tile grid, a causal mask (the first rows
+    // see no key).
+    let shape = Shape {
+        batch: 1,
+        heads: 4,
+        kv_heads: 2,
+        seq_q: 60,
+        seq_k: 45,
+        head_dim: 32,
+    };
+    let (q_dims, kv_dims) = ([1, 4, 60, 32], [1, 2, 45, 32]);
+    let (q, k, v, d_o) = (
+        rng.vec(shape.q_len()),
+        rng.vec(shape.kv_len()),
+        rng.vec(shape.kv_len()),
+        rng.vec(shape.q_len()),
+    );
+    let mask = Mask::causal(60, 45).unwrap();
+    let bytes: Vec<u8> = (0..60 * 45)
+        .map(|i| u8::from(mask.get(0, i / 45, i % 45)))
+        .collect();
+    let (qf, kf, vf, df) = (
+        file("q.npy", &q_dims, &q),
+        file("k.npy", &kv_dims, &k),
+        file("v.npy", &kv_dims, &v),
+        file("do.npy", &q_dims, &d_o),
+    );
+    let mf = dir.join("mask.npy");
+    std::fs::write(&mf, npy("|u1", false, &[60, 45], &bytes)).unwrap();
+    let (of, dqf, dkf, dvf) = (
+        dir.join("o.npy"),
+        dir.join("dq.npy"),
+        dir.join("dk.npy"),
+        dir.join("dv.npy"),
+    );
+    ok(
+        "run --q {} --k {} --v {} --mask {} --out {} --do {} --dq {} --dk {} --dv {}",
+        &[&qf, &kf, &vf, &mf, &of, &df, &dqf, &dkf, &dvf],
+    );
+    let want = reference::attention_backward(&shape, &q, &k, &v, Some(&mask), None, &d_o).unwrap();
+    for (f, dims, w) in [
+        (&dqf, q_dims, &want.dq),
+        (&dkf, kv_dims, &want.dk),
+        (&dvf, kv_dims, &want.dv),
+    ] {
+        let (got_dims, got) = read_npy(f);
+        assert_eq!(got_dims, dims.to_vec(), "{}", f.display());
+        let err = crate::common::rel_l2(&got, w);
+        assert!(err <= 1e-4, "{}: relative L2 error {err:e}", f.display());
+    }
+    // dO must have q's shape; the gradients need --do and all three outputs.
+    let kv_as_do = file("bad-do.npy", &kv_dims, &k);
+    fails(
+        "run --q {} --k {} --v {} --out {} --do {} --dq {} --dk {} --dv {}",
+        &[&qf, &kf, &vf, &of, &kv_as_do, &dqf, &dkf, &dvf],
+        "do: expected [1, 4, 60, 32]",
+    );
+    fails(
+        "run --q {} --k {} --v {} --out {} --do {} --dq {}",
+        &[&qf, &kf, &vf, &of, &df, &dqf],
+        "--dk",
+    );
+    fails(
+        "run --q {} --k {} --v {} --out {} --dq {}",
+        &[&qf, &kf, &vf, &of, &dqf],
+        "--do",
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
 fn run_on_a_safetensors_file_round_trips() {
     let mut rng = Rng::fresh("cli run safetensors");
     let dir = scratch("run-safetensors");

@@ -58,6 +58,26 @@ pub fn gpu() -> &'static Gpu {
     })
 }
 
+/// A device whose storage bindings hold only 64 KiB, so that the host forms split the work
+/// over batch elements and key/value heads.
+pub fn small_binding_gpu() -> Gpu {
+    let adapter = pollster::block_on(
+        wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env())
+            .request_adapter(&Default::default()),
+    )
+    .expect("adapter");
+    let limits = wgpu::Limits {
+        max_storage_buffer_binding_size: 64 << 10,
+        ..adapter.limits()
+    };
+    let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+        required_limits: limits,
+        ..Default::default()
+    }))
+    .expect("device");
+    Gpu::from_device(device, queue, adapter.get_info(), Vec::new())
+}
+
 /// A band |i - j| <= `width` whose tokens were randomly shuffled: scattered tiles that Reverse
 /// Cuthill–McKee can pack again.
 pub fn shuffled_band(rng: &mut Rng, n: usize, width: usize) -> Mask {
@@ -77,7 +97,7 @@ pub fn inputs(rng: &mut Rng, shape: &Shape) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     )
 }
 
-fn poisoned(gpu: &Gpu, e: DType, len: usize) -> wgpu::Buffer {
+pub fn poisoned(gpu: &Gpu, e: DType, len: usize) -> wgpu::Buffer {
     gpu.device()
         .create_buffer_init(&wgpu::util::BufferInitDescriptor {
             label: Some("poisoned output"),

@@ -1,41 +1,33 @@
 //! The host's idea of each kernel configuration against the WGSL itself: the workgroup memory
 //! the host budgets for must be what the shader declares once its overrides are applied (a
-//! configuration over the adapter's limit can hang a driver instead of failing).
+//! configuration over the adapter's limit can hang a driver instead of failing). Forward and
+//! backward kernels alike.
 
-use blockflash::kernel::{module_source, KernelConfig};
+use blockflash::kernel::{
+    backward_module_source, backward_rows_per_step, backward_workgroup_bytes, module_source,
+    KernelConfig, BACKWARD_THREADS,
+};
 use blockflash::Tier;
 use wgpu::naga;
 
 /// Bytes of workgroup memory that the `main` entry point of `tier`'s module declares for `c`.
 fn declared_workgroup_bytes(tier: Tier, c: &KernelConfig) -> u32 {
-    let src = module_source(tier);
-    let module = naga::front::wgsl::parse_str(&src).expect("kernel WGSL parses");
-    let info = naga::valid::Validator::new(
-        naga::valid::ValidationFlags::all(),
-        naga::valid::Capabilities::all(),
-    )
-    .validate(&module)
-    .expect("kernel WGSL validates");
-    let mut constants = naga::back::PipelineConstants::default();
-    for (k, v) in [
+    let mut constants = vec![
         ("BR", c.tile_rows),
         ("BC", c.tile_cols),
         ("D", c.head_dim),
         ("THREADS", c.threads()),
-    ] {
-        constants.insert(k.to_string(), v as f64);
-    }
+    ];
     if tier != Tier::TensorCore {
-        constants.insert("DC".to_string(), c.dc as f64);
-        constants.insert("TX".to_string(), c.tx as f64);
+        constants.extend([("DC", c.dc), ("TX", c.tx)]);
     }
-    let (module, _) = naga::back::pipeline_constants::process_overrides(
-        &module,
-        &info,
-        Some((naga::ShaderStage::Compute, "main")),
-        &constants,
-    )
-    .expect("overrides apply");
+    declared_bytes(&module_source(tier), "main", &constants)
+}
+
+/// Bytes of workgroup memory that module `src` declares once `constants` are applied for
+/// `entry` (the workgroup variables that the entry point uses).
+fn declared_bytes(src: &str, entry: &str, constants: &[(&str, usize)]) -> u32 {
+    let module = specialised(src, entry, constants);
     let gctx = module.to_ctx();
     module
         .global_variables
@@ -64,6 +56,29 @@ fn declared_workgroup_bytes(tier: Tier, c: &KernelConfig) -> u32 {
         .sum()
 }
 
+/// Module `src` with `constants` applied, compacted to what `entry` uses.
+fn specialised(src: &str, entry: &str, constants: &[(&str, usize)]) -> naga::Module {
+    let module = naga::front::wgsl::parse_str(src).expect("kernel WGSL parses");
+    let info = naga::valid::Validator::new(
+        naga::valid::ValidationFlags::all(),
+        naga::valid::Capabilities::all(),
+    )
+    .validate(&module)
+    .expect("kernel WGSL validates");
+    let constants: naga::back::PipelineConstants = constants
+        .iter()
+        .map(|&(k, v)| (k.to_string(), v as f64))
+        .collect();
+    let (module, _) = naga::back::pipeline_constants::process_overrides(
+        &module,
+        &info,
+        Some((naga::ShaderStage::Compute, entry)),
+        &constants,
+    )
+    .expect("overrides apply");
+    module.into_owned()
+}
+
 #[test]
 fn host_workgroup_budget_matches_the_shaders_declarations() {
     let limits = wgpu::Limits {
@@ -82,6 +97,58 @@ fn host_workgroup_budget_matches_the_shaders_declarations() {
                     "{tier} {c:?}: the shader declares {declared} bytes, the host budgets {}",
                     c.workgroup_bytes()
                 );
+            }
+        }
+    }
+}
+
+#[test]
+fn backward_workgroup_budget_matches_the_shader_and_fits_the_baseline() {
+    // The WebGPU baseline: 16 KiB of workgroup memory, 256 invocations.
+    let limits = wgpu::Limits::downlevel_defaults();
+    for tier in [Tier::PortableF32, Tier::PortableF16, Tier::TensorCore] {
+        let src = backward_module_source(tier.dtype());
+        let big = wgpu::Limits {
+            max_compute_workgroup_storage_size: 1 << 20,
+            max_compute_invocations_per_workgroup: 1024,
+            max_compute_workgroup_size_x: 1024,
+            ..wgpu::Limits::default()
+        };
+        for d in blockflash::shape::HEAD_DIMS {
+            for c in KernelConfig::candidates(&big, tier, d) {
+                let rows = backward_rows_per_step(&c, &limits)
+                    .unwrap_or_else(|| panic!("{tier} {c:?}: no backward step fits"));
+                let budget = backward_workgroup_bytes(c.tile_cols, d, rows);
+                assert!(budget <= limits.max_compute_workgroup_storage_size as usize);
+                for entry in ["pre", "dkdv", "dq"] {
+                    let constants = [
+                        ("BR", c.tile_rows),
+                        ("BC", c.tile_cols),
+                        ("D", d),
+                        ("THREADS", BACKWARD_THREADS),
+                        ("RS", rows),
+                    ];
+                    // Naga keeps only what the entry point uses: dQ uses everything (it
+                    // walks with common.wgsl's work_item), the others less.
+                    let declared = declared_bytes(&src, entry, &constants) as usize;
+                    let ok = if entry == "dq" {
+                        declared == budget
+                    } else {
+                        declared <= budget
+                    };
+                    assert!(
+                        ok,
+                        "{tier} {c:?} {entry}: declares {declared}, budget {budget}"
+                    );
+                    // The WebGPU baseline allows 8 storage buffers per shader stage.
+                    let module = specialised(&src, entry, &constants);
+                    let storage = module
+                        .global_variables
+                        .iter()
+                        .filter(|(_, v)| matches!(v.space, naga::AddressSpace::Storage { .. }))
+                        .count();
+                    assert!(storage <= 8, "{entry} binds {storage} storage buffers");
+                }
             }
         }
     }

@@ -1,4 +1,5 @@
 mod attention;
+mod backward;
 mod cli;
 mod common;
 mod kernels;
