@@ -699,20 +699,10 @@ impl Plan {
         t: &Tensors,
         timestamps: Option<(&wgpu::QuerySet, u32)>,
     ) -> Result<()> {
-        if self.chunks.len() != 1 {
-            let limits = self.gpu.limits();
-            return Err(Error::TooLarge {
-                what: "one of Q, K, V, O",
-                bytes: self
-                    .dtype()
-                    .bytes(self.shape.q_len().max(self.shape.kv_len())),
-                limit_name: "max_storage_buffer_binding_size",
-                limit: limits.max_storage_buffer_binding_size,
-            });
-        }
+        self.check_single_chunk()?;
         let s = &self.shape;
         let e = self.dtype();
-        for (what, buf, need) in [
+        let sizes = [
             ("q buffer", t.q, e.bytes(s.q_len())),
             ("k buffer", t.k, e.bytes(s.kv_len())),
             ("v buffer", t.v, e.bytes(s.kv_len())),
@@ -726,16 +716,25 @@ impl Plan {
                     4
                 },
             ),
-        ] {
-            if buf.size() < need {
-                return Err(Error::ShapeMismatch {
-                    what,
-                    expected: format!("at least {need} bytes"),
-                    got: format!("{} bytes", buf.size()),
-                });
-            }
-        }
+        ];
+        check_buffers(&sizes)?;
         self.encode_chunk(encoder, &self.chunks[0], t, timestamps)
+    }
+
+    /// Error unless the problem fits one dispatch over caller buffers (the GPU-resident forms
+    /// cannot split caller buffers; the host forms split the work).
+    fn check_single_chunk(&self) -> Result<()> {
+        if self.chunks.len() == 1 {
+            return Ok(());
+        }
+        Err(Error::TooLarge {
+            what: "one of Q, K, V, O",
+            bytes: self
+                .dtype()
+                .bytes(self.shape.q_len().max(self.shape.kv_len())),
+            limit_name: "max_storage_buffer_binding_size",
+            limit: self.gpu.limits().max_storage_buffer_binding_size,
+        })
     }
 
     fn encode_chunk(
@@ -925,6 +924,18 @@ fn walk_tables(block_mask: Option<&BlockMask>, path: Path) -> (Vec<u32>, Vec<u32
             (t, bm.cols().to_vec())
         }
         _ => (Vec::new(), Vec::new()),
+    }
+}
+
+/// Error if a caller buffer `(name, buffer, bytes needed)` is too small.
+fn check_buffers(buffers: &[(&'static str, &wgpu::Buffer, u64)]) -> Result<()> {
+    match buffers.iter().find(|(_, buf, need)| buf.size() < *need) {
+        Some(&(what, buf, need)) => Err(Error::ShapeMismatch {
+            what,
+            expected: format!("at least {need} bytes"),
+            got: format!("{} bytes", buf.size()),
+        }),
+        None => Ok(()),
     }
 }
 

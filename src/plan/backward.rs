@@ -11,7 +11,7 @@
 
 use wgpu::util::DeviceExt;
 
-use super::{split_rows, walk_tables, Chunk, Plan};
+use super::{check_buffers, split_rows, walk_tables, Chunk, Plan};
 use crate::error::{Error, Result};
 use crate::kernel::{backward_rows_per_step, BackwardPass, BackwardVariant, DType, Path};
 use crate::reference::Gradients;
@@ -257,21 +257,11 @@ impl Plan {
         t: &BackwardTensors,
     ) -> Result<()> {
         let state = self.backward_state()?;
-        if self.chunks.len() != 1 {
-            let limits = self.gpu.limits();
-            return Err(Error::TooLarge {
-                what: "one of Q, K, V, O",
-                bytes: self
-                    .dtype()
-                    .bytes(self.shape.q_len().max(self.shape.kv_len())),
-                limit_name: "max_storage_buffer_binding_size",
-                limit: limits.max_storage_buffer_binding_size,
-            });
-        }
+        self.check_single_chunk()?;
         let s = &self.shape;
         let e = self.dtype();
         let (q_bytes, kv_bytes) = (e.bytes(s.q_len()), e.bytes(s.kv_len()));
-        for (what, buf, need) in [
+        check_buffers(&[
             ("q buffer", t.q, q_bytes),
             ("k buffer", t.k, kv_bytes),
             ("v buffer", t.v, kv_bytes),
@@ -281,15 +271,7 @@ impl Plan {
             ("dq buffer", t.dq, q_bytes),
             ("dk buffer", t.dk, kv_bytes),
             ("dv buffer", t.dv, kv_bytes),
-        ] {
-            if buf.size() < need {
-                return Err(Error::ShapeMismatch {
-                    what,
-                    expected: format!("at least {need} bytes"),
-                    got: format!("{} bytes", buf.size()),
-                });
-            }
-        }
+        ])?;
         self.encode_backward_chunk(encoder, state, 0, t)
     }
 
