@@ -103,14 +103,16 @@ fn f16_round(x: &[f32]) -> Vec<f32> {
     x.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect()
 }
 
-/// Reads a float32 .npy file: shape and data.
-fn read_npy(path: &Path) -> (Vec<usize>, Vec<f32>) {
-    let bytes = std::fs::read(path).expect("output file");
+/// Reads a .npy file as numpy writes it (version 1.0, 64-byte aligned header ending in a
+/// newline, C order) whose dtype is `descr`: its shape and data bytes.
+fn read_npy_bytes(path: &Path, descr: &str) -> (Vec<usize>, Vec<u8>) {
+    let bytes = std::fs::read(path).expect("npy file");
     assert_eq!(&bytes[..8], b"\x93NUMPY\x01\x00", "{}", path.display());
     let len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
     assert_eq!((10 + len) % 64, 0, "header alignment");
     let header = std::str::from_utf8(&bytes[10..10 + len]).expect("header");
-    assert!(header.contains("'descr': '<f4'"), "{header}");
+    assert!(header.ends_with('\n'), "{header:?}");
+    assert!(header.contains(&format!("'descr': '{descr}'")), "{header}");
     assert!(header.contains("'fortran_order': False"), "{header}");
     let inner = &header[header.find("'shape': (").expect("shape") + 10..];
     let shape = inner[..inner.find(')').expect("shape end")]
@@ -118,7 +120,13 @@ fn read_npy(path: &Path) -> (Vec<usize>, Vec<f32>) {
         .filter(|d| !d.trim().is_empty())
         .map(|d| d.trim().parse().expect("dimension"))
         .collect();
-    let data = bytes[10 + len..]
+    (shape, bytes[10 + len..].to_vec())
+}
+
+/// Reads a float32 .npy file: shape and data.
+fn read_npy(path: &Path) -> (Vec<usize>, Vec<f32>) {
+    let (shape, bytes) = read_npy_bytes(path, "<f4");
+    let data = bytes
         .chunks_exact(4)
         .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
         .collect();
@@ -487,21 +495,7 @@ fn mask_json_matches_the_library_and_files() {
 
 /// Reads a bool .npy file as numpy writes it: shape and bytes.
 fn read_bool_npy(path: &Path) -> (Vec<usize>, Vec<u8>) {
-    let bytes = std::fs::read(path).expect("mask file");
-    assert_eq!(&bytes[..8], b"\x93NUMPY\x01\x00", "{}", path.display());
-    let len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
-    assert_eq!((10 + len) % 64, 0, "header alignment");
-    let header = std::str::from_utf8(&bytes[10..10 + len]).expect("header");
-    assert!(header.ends_with('\n'), "{header:?}");
-    assert!(header.contains("'descr': '|b1'"), "{header}");
-    assert!(header.contains("'fortran_order': False"), "{header}");
-    let inner = &header[header.find("'shape': (").expect("shape") + 10..];
-    let shape = inner[..inner.find(')').expect("shape end")]
-        .split(',')
-        .filter(|d| !d.trim().is_empty())
-        .map(|d| d.trim().parse().expect("dimension"))
-        .collect();
-    (shape, bytes[10 + len..].to_vec())
+    read_npy_bytes(path, "|b1")
 }
 
 /// The JSON statistics without the fields that name the source or time the build.
