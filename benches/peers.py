@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""blockflash side by side with PyTorch SDPA and FlexAttention (fp16, forward, one GPU).
+"""blockflash beside PyTorch SDPA and FlexAttention (fp16, forward and forward + backward, one GPU).
 
 What it measures, for B4 H32 d64 and B2 H16 d128 at N = 4096 and 16384 and each mask kind
 (none, causal, sliding-window, documents, prefix-lm, longformer, tree, random-blocks, bigbird):
@@ -7,7 +7,7 @@ What it measures, for B4 H32 d64 and B2 H16 d128 at N = 4096 and 16384 and each 
 * blockflash: `blockflash bench --mask K --precision f16 --repeat 10` (`--mask full` for none):
   GPU-timestamp medians of the masked plan and of blockflash's own dense plan on the same inputs,
   its tier, active-tile fraction and own check against the f64 reference on sampled rows. At d64
-  N4096 each mask runs once more with `--tier tensor-core-f16` (rows marked [tc]).
+  N4096 each mask runs once more with `--tier portable-f16` (rows marked [pf16]).
 * PyTorch on the same mask (`blockflash mask --out`: bit for bit the mask blockflash benches):
   `scaled_dot_product_attention` without a mask (`is_causal=True` for causal); SDPA with the bool
   mask [1, 1, N, N] (efficient/cuDNN kernels: every tile computed, the mask-unaware baseline); and
@@ -15,11 +15,22 @@ What it measures, for B4 H32 d64 and B2 H16 d128 at N = 4096 and 16384 and each 
   that reads the dense bool mask. CUDA events around each call, 3 warm-ups, median of 10.
 * correctness: per mask at N=4096, B1 H2, `blockflash run --precision f16` on fp16 .npy inputs
   against SDPA on the fp32-upcast inputs (math backend): relative L2 error.
+* forward + backward (after all forward tables; --no-backward skips it, --no-forward runs only
+  it), for the first configuration (B4 H32 d64) at each N and the suite's eight mask families:
+  PyTorch first, SDPA without a mask (`is_causal=True` for causal) as the dense reference and
+  FlexAttention (the same compiled flex_attention, BlockMask built once), each as forward then
+  `out.backward(dO)` on inputs with requires_grad (gradients reset before each step), timed as
+  above; then `blockflash bench --backward --mask all --precision f16 --repeat 3` (forward then
+  backward of each masked plan and of the dense plan, the latter timed once per N; dQ, dK, dV
+  checked against the f64 reference on samples). blockflash's backward kernels are slow so far:
+  its dense forward + backward at N=16384 takes tens of seconds a run, so that table needs a
+  call of its own (`--no-forward --seqs 16384`).
 
-Output: one markdown table per configuration and N on stdout; under --out DIR: peers.md (tables,
-GPU, driver, torch version, date, command), peers.json (every number), bf_*.jsonl (blockflash's
-rows) and blockflash.log. Masks and q/k/v files go to --scratch (default a temporary directory,
-removed at the end), so DIR stays small enough to copy back from the device.
+Output: one markdown table per configuration and N on stdout, then one forward + backward table
+per N; under --out DIR: peers.md (tables, GPU, driver, torch version, date, command), peers.json
+(every number), bf_*.jsonl (blockflash's rows) and blockflash.log. Masks and q/k/v files go to
+--scratch (default a temporary directory, removed at the end), so DIR stays small enough to copy
+back from the device.
 
 Run on the GPU machine (PyTorch 2.11 + Triton + numpy, no network), after the Vulkan setup of
 ../shared/docs/gpu.md:
@@ -27,8 +38,9 @@ Run on the GPU machine (PyTorch 2.11 + Triton + numpy, no network), after the Vu
     python3 benches/peers.py --blockflash target/release/blockflash --out $OUT/peers [--quick]
 
 --quick: N=4096 and five masks. --dry-run: print the blockflash commands only. Failures print
-"n/a (reason)" and the run goes on; past --budget seconds (default 540) what is left is skipped,
-so the script stays inside one 10-minute device call. Results are rewritten after each block.
+"n/a (reason)" and the run goes on; past --budget seconds (default 540) what is left is skipped
+(forward first, so the forward tables always finish), so the script stays inside one 10-minute
+device call. Results are rewritten after each block.
 """
 import argparse, datetime, json, os, shlex, shutil, statistics, subprocess, sys, tempfile, time
 
@@ -42,6 +54,7 @@ SEQS = [4096, 16384]
 KINDS = ["none", "causal", "sliding-window", "documents", "prefix-lm", "longformer", "tree",
          "random-blocks", "bigbird"]
 QUICK_KINDS = ["none", "causal", "sliding-window", "documents", "tree"]
+FAMILIES = [k for k in KINDS if k != "none"]  # `blockflash bench --mask all`: the suite's masks
 CHECK_B, CHECK_H = 1, 2  # shape of the correctness check (at the smallest N)
 T0 = time.time()
 DEV = os.environ.get("PEERS_TORCH_DEVICE", "cuda")  # "cpu" only to test this script without a GPU
@@ -120,6 +133,38 @@ def bench(args, kind, n, b, h, d, tier=None):
     return row
 
 
+def bench_backward(args, n, b, h, d):
+    """blockflash's forward + backward rows of the suite's masks at length n, by mask kind (rows
+    written before a failure or the time budget are kept; a failed verification is a note)."""
+    path = os.path.join(args.out, f"bf_bwd_{n}_{d}.jsonl")
+    if os.path.exists(path):
+        os.remove(path)
+    cmd = ["bench", "--backward", "--mask", "all", "--seq", n, "--batch", b, "--heads", h,
+           "--head-dim", d, "--precision", "f16", "--repeat", args.backward_repeat, "--json", path]
+    try:
+        p = bf(args, cmd, 600)
+        note = None if p.returncode == 0 else failure(p)
+    except subprocess.TimeoutExpired:
+        note = "time budget spent"
+    except Exception as e:  # noqa: BLE001 -- Budget, or the binary failing to start
+        note = why(e)
+    if args.dry_run:
+        return {}
+    rows = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    r = json.loads(line)
+                except ValueError:  # a line cut short when the time budget ended the run
+                    continue
+                rows[r["mask"]] = r
+    for r in rows.values():
+        if note:
+            r["note"] = note
+    return rows or {k: f"n/a ({note or 'no rows'})" for k in FAMILIES}
+
+
 class Torch:
     """PyTorch's SDPA and FlexAttention on CUDA, with one mask buffer (and mask_mod) per N."""
 
@@ -196,6 +241,30 @@ class Torch:
         bm = self.create_block_mask(self.mask_mod(n), None, None, n, n, device=DEV)  # once
         return self.time(lambda: self.flex(q, k, v, block_mask=bm))
 
+    def grad_inputs(self, b, h, n, d):
+        """q, k, v with requires_grad, and dO."""
+        q, k, v = (x.requires_grad_() for x in self.inputs(b, h, n, d))
+        g = self.torch.Generator(device=DEV).manual_seed(1)
+        do = self.torch.randn(b, h, n, d, device=DEV, dtype=self.torch.float16, generator=g)
+        return q, k, v, do
+
+    def fwd_bwd(self, attend, qkv, do):
+        """Median ms of forward (`attend(q, k, v)`) then `out.backward(dO)`, gradients reset
+        before each step so that none accumulate."""
+        def step():
+            for x in qkv:
+                x.grad = None
+            attend(*qkv).backward(do)
+        return self.time(step)
+
+    def sdpa_dense_fwd_bwd(self, qkv, do, causal=False):
+        sdpa = lambda q, k, v: self.F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return self.fwd_bwd(sdpa, qkv, do)
+
+    def flex_fwd_bwd(self, qkv, do, n):
+        bm = self.create_block_mask(self.mask_mod(n), None, None, n, n, device=DEV)  # once
+        return self.fwd_bwd(lambda q, k, v: self.flex(q, k, v, block_mask=bm), qkv, do)
+
     def reference(self, q, k, v, mask_np):
         """SDPA on fp32-upcast inputs, math backend, as numpy."""
         t = self.torch
@@ -246,7 +315,7 @@ def attempt(args, row, key, fn):
 
 
 def blockflash_rows(args, masks, n, b, h, d, tc):
-    """One row per mask kind with blockflash's bench row (and a [tc] row per kind if tc)."""
+    """One row per mask kind with blockflash's bench row (and a [pf16] row per kind if tc)."""
     rows = []
     for kind, (path, active128) in masks.items():
         rows.append({"mask": kind, "active_128": active128})
@@ -256,14 +325,14 @@ def blockflash_rows(args, masks, n, b, h, d, tc):
         log(f"  blockflash {kind}")
         attempt(args, rows[-1], "bf", lambda: bench(args, kind, n, b, h, d))
         if tc:
-            rows.append({"mask": kind, "variant": " [tc]"})
-            attempt(args, rows[-1], "bf", lambda: bench(args, kind, n, b, h, d, "tensor-core-f16"))
-            tc = "unavailable" not in str(rows[-1]["bf"])  # no tensor cores: stop trying
+            rows.append({"mask": kind, "variant": " [pf16]"})
+            attempt(args, rows[-1], "bf", lambda: bench(args, kind, n, b, h, d, "portable-f16"))
+            tc = "unavailable" not in str(rows[-1]["bf"])  # tier unavailable: stop trying
     return rows
 
 
 def torch_columns(args, peers, masks, rows, n, b, h, d):
-    """Adds SDPA dense, SDPA with the mask and Flex times to the rows ([tc] rows share them)."""
+    """Adds SDPA dense, SDPA with the mask and Flex times to the rows ([pf16] rows share them)."""
     q, k, v = peers.inputs(b, h, n, d)
     dense = {}
     attempt(args, dense, "plain", lambda: peers.sdpa_dense(q, k, v))
@@ -310,9 +379,33 @@ def cells(r):
             f(bfr.get("max_rel_error"), ".1e") + (" (!)" if bfr.get("note") else "")]
 
 
-def table(rows):
-    out = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    return "\n".join(out + ["| " + " | ".join(cells(r)) + " |" for r in rows])
+BWD_COLUMNS = ["mask", "active", "bf tier", "bf fwd+bwd ms", "bf dense fwd+bwd ms",
+               "bf fwd ms (of fwd+bwd)", "SDPA dense fwd+bwd ms", "Flex fwd+bwd ms",
+               "bf/Flex", "bf/SDPA-dense", "bf speedup vs own dense", "ideal (1/active)",
+               "bf speedup / ideal", "Flex speedup vs SDPA dense", "bf grad err (dQ/dK/dV)"]
+
+
+def bwd_cells(r):
+    bfr = r.get("bf") if isinstance(r.get("bf"), dict) else {}
+    num = lambda x: isinstance(x, (int, float))
+    f = lambda x, spec: format(x, spec) if num(x) else (x or "—") if isinstance(x, str) else "—"
+    ratio = lambda a, b, spec=".2f": format(a / b, spec) if num(a) and num(b) and b > 0 else "—"
+    bf_ms = bfr.get("ms_masked", r.get("bf") if isinstance(r.get("bf"), str) else None)
+    sd, flex = r.get("sdpa_dense"), r.get("flex")
+    errs = [bfr.get(f"max_rel_error_{g}") for g in ("dq", "dk", "dv")]
+    err = "/".join(f(e, ".1e") for e in errs) if bfr else "—"
+    return [r["mask"], f(bfr.get("active_tiles"), ".3f"), bfr.get("tier", "—"), f(bf_ms, ".3f"),
+            f(bfr.get("ms_dense"), ".3f"), f(bfr.get("ms_fwd_masked"), ".3f"),
+            f(sd, ".3f") + (" (is_causal)" if r["mask"] == "causal" and num(sd) else ""),
+            f(flex, ".3f"), ratio(bf_ms, flex), ratio(bf_ms, sd), f(bfr.get("speedup"), ".2f"),
+            f(bfr.get("ideal_speedup"), ".2f"), ratio(bfr.get("speedup"), bfr.get("ideal_speedup")),
+            ratio(r.get("sdpa_plain"), flex), err + (" (!)" if bfr.get("note") else "")]
+
+
+def table(rows, backward=False):
+    columns, row_cells = (BWD_COLUMNS, bwd_cells) if backward else (COLUMNS, cells)
+    out = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    return "\n".join(out + ["| " + " | ".join(row_cells(r)) + " |" for r in rows])
 
 
 def write_results(args, meta, blocks):
@@ -324,13 +417,74 @@ def write_results(args, meta, blocks):
           " blockflash's tiles (its plan's tile shape) that are computed. rel err: `blockflash run`"
           f" at B{CHECK_B} H{CHECK_H} N{meta['check_n']} vs {meta['reference']} (relative L2)."
           " bf self err: bench's own check vs the f64 reference on sampled rows ((!) = failed)."
-          " [tc]: --tier tensor-core-f16.", ""]
-    for title, rows in blocks:
-        md += [f"## {title}", "", table(rows), ""]
+          " [pf16]: --tier portable-f16.",
+          "- fp16 forward + backward (tables marked fwd+bwd): one training step, forward then"
+          f" backward of dQ, dK, dV. Medians: blockflash GPU timestamps ({args.backward_repeat}"
+          " after 2 warm-ups; its dense plan timed once per N), PyTorch CUDA events"
+          " (10 after 3). Flex speedup vs SDPA dense uses SDPA without a"
+          " mask. bf grad err: bench's check of dQ (sampled rows) and dK, dV (sampled keys of"
+          " one key/value head) vs the f64 reference (relative L2).", ""]
+    for title, rows, backward in blocks:
+        md += [f"## {title}", "", table(rows, backward), ""]
     with open(os.path.join(args.out, "peers.md"), "w") as f:
         f.write("\n".join(md))
     with open(os.path.join(args.out, "peers.json"), "w") as f:
-        json.dump({"meta": meta, "blocks": [{"title": t, "rows": r} for t, r in blocks]}, f, indent=1)
+        json.dump({"meta": meta, "blocks": [{"title": t, "pass": "fwd+bwd" if bw else "fwd",
+                                             "rows": r} for t, r, bw in blocks]}, f, indent=1)
+
+
+def backward_block(args, peers, n, b, h, d, kinds):
+    """The forward + backward rows at length n: PyTorch's (cheap) first, then blockflash's (its
+    dense plan's backward is slow so far), so that the budget cuts blockflash's rows last."""
+    rows = [{"mask": k} for k in kinds]
+    if peers:
+        torch_fwd_bwd(args, peers, rows, n, b, h, d)
+    log("  blockflash fwd+bwd, all masks")
+    bf_rows = bench_backward(args, n, b, h, d)
+    missing = None if args.dry_run else "n/a (no row)"
+    for r in rows:
+        r["bf"] = bf_rows.get(r["mask"], missing)
+    return rows
+
+
+def torch_fwd_bwd(args, peers, rows, n, b, h, d):
+    """Adds SDPA dense (no mask; is_causal for causal) and Flex forward + backward times."""
+    try:
+        check_budget(args)
+        *qkv, do = peers.grad_inputs(b, h, n, d)
+    except Exception as e:  # noqa: BLE001 -- e.g. out of memory or the budget
+        for r in rows:
+            r["flex"] = f"n/a ({why(e)})"
+        return
+    plain = {}
+    attempt(args, plain, "ms", lambda: peers.sdpa_dense_fwd_bwd(qkv, do))
+    for r in rows:
+        log(f"  torch fwd+bwd {r['mask']}")
+        r["sdpa_plain"] = plain.get("ms")
+        if r["mask"] == "causal":
+            attempt(args, r, "sdpa_dense", lambda: peers.sdpa_dense_fwd_bwd(qkv, do, True))
+        else:
+            r["sdpa_dense"] = plain.get("ms")
+        try:
+            check_budget(args)
+            path = make_mask(args, r["mask"], n)[0]
+        except Exception as e:  # noqa: BLE001
+            r["flex"] = f"n/a ({why(e)})"
+            continue
+        peers.set_mask(n, np.load(path))
+        os.remove(path)
+        attempt(args, r, "flex", lambda: peers.flex_fwd_bwd(qkv, do, n))
+    del qkv, do
+    if DEV == "cuda":
+        peers.torch.cuda.empty_cache()
+
+
+def note_adapter(meta, rows):
+    """Records the adapter that blockflash's first measured row names, once."""
+    if meta.get("bf_adapter", "?") == "?":
+        meta["bf_adapter"] = next((f"{r['bf']['adapter']} ({r['bf']['backend']}, driver "
+                                   f"{r['bf']['driver']})" for r in rows
+                                   if isinstance(r.get("bf"), dict) and r["bf"]), "?")
 
 
 def main():
@@ -342,6 +496,10 @@ def main():
     ap.add_argument("--scratch", help="directory for masks and q/k/v (default: a temporary one)")
     ap.add_argument("--budget", type=float, default=540, help="seconds before skipping the rest")
     ap.add_argument("--repeat", type=int, default=10, help="blockflash bench --repeat")
+    ap.add_argument("--no-backward", action="store_true", help="forward tables only")
+    ap.add_argument("--no-forward", action="store_true", help="forward + backward tables only")
+    ap.add_argument("--backward-repeat", type=int, default=3,
+                    help="blockflash bench --backward --repeat")
     ap.add_argument("--seqs", help="comma-separated N (testing; default 4096,16384)")
     ap.add_argument("--configs", help="B,H,d;B,H,d (testing; default 4,32,64;2,16,128)")
     args = ap.parse_args()
@@ -375,7 +533,7 @@ def main():
     meta["reference"] = "SDPA on fp32-upcast inputs (math)" if peers else "numpy float64"
     log(f"{meta['gpu']}; torch {meta['torch']}; configs {configs}; N {seqs}; masks {kinds}")
     blocks, state = [], {"tc": True}
-    for n in seqs:
+    for n in [] if args.no_forward else seqs:
         masks = {"none": (None, 1.0)}
         for kind in kinds[1:]:
             try:
@@ -397,17 +555,26 @@ def main():
                     attempt(args, r, "rel_err", lambda: check(args, peers, d, n, path))
                     if isinstance(r["rel_err"], float):
                         log(f"  check {r['mask']}: relative L2 error {r['rel_err']:.2e}")
-            if meta.get("bf_adapter", "?") == "?":
-                meta["bf_adapter"] = next((f"{r['bf']['adapter']} ({r['bf']['backend']}, driver "
-                                           f"{r['bf']['driver']})" for r in rows
-                                           if isinstance(r.get("bf"), dict) and r["bf"]), "?")
-            blocks.append((title, rows))
+            note_adapter(meta, rows)
+            blocks.append((title, rows, False))
             log(f"\n### {title}\n\n{table(rows)}\n")
             if not args.dry_run:
                 write_results(args, meta, blocks)
         for path, _ in masks.values():
             if path and os.path.exists(path) and own_scratch:
                 os.remove(path)
+    # Forward + backward, after every forward table: the first configuration at each N.
+    b, h, d = configs[0]
+    for n in [] if args.no_backward else seqs:
+        title = f"fwd+bwd: B{b} H{h} d{d}, N={n}"
+        log(f"\n== {title} ({time.time() - T0:.0f} s)")
+        bwd_kinds = [k for k in kinds if k != "none"]
+        rows = backward_block(args, peers, n, b, h, d, bwd_kinds)
+        note_adapter(meta, rows)
+        blocks.append((title, rows, True))
+        log(f"\n### {title}\n\n{table(rows, backward=True)}\n")
+        if not args.dry_run:
+            write_results(args, meta, blocks)
     if own_scratch:
         shutil.rmtree(args.scratch, ignore_errors=True)
     log(f"done in {time.time() - T0:.0f} s; wrote {args.out}/peers.md and peers.json")

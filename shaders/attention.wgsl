@@ -1,21 +1,29 @@
 // Tiled online-softmax attention forward (FlashAttention-2 order): the portable kernel, f32
-// arithmetic on f32 or f16 storage (`Elem`). Needs common.wgsl (walk, masks, stores, merge).
+// arithmetic on f32, f16 or bf16 storage (`Elem4`, `load4`, `pack4` from the host's prologue).
+// Needs common.wgsl (walk, masks, stores, merge).
 //
 // Thread layout: THREADS = TY x TX. Thread (ty, tx) owns query rows ty + TY*i (i < TM) and, for
 // the scores, key columns tx + TX*j (j < BC/TX); for the output, the head-dim columns of vec4
 // groups tx + TX*o (o < D/(4 TX)).
 // Scores are kept in log2 units: Q is pre-scaled by scale * log2(e) when loaded.
+//
+// The row max and row sum of a tile combine the TX threads of a row. Through workgroup memory
+// (red_m, red_l) by default; with SUBGROUP_RED by shuffle-xor butterflies over lanes, since the
+// TX threads of a row (tx = lid % TX) are TX contiguous lanes of one subgroup when TX is a power
+// of two no larger than the subgroup (the host checks the adapter's minimum subgroup size and
+// defines `lane_xor` in the prologue).
 
 override DC: u32 = 64u;        // head-dim chunk of K/V held in workgroup memory (divides D)
 override TX: u32 = 8u;         // threads per row group; TY = THREADS / TX
+override SUBGROUP_RED: bool = false;  // row max and sum by subgroup shuffles, not red_m/red_l
 
 const TM_CAP: u32 = 8u;        // max rows per thread (BR / TY)
 const S_CAP: u32 = 32u;        // max scores per thread (TM * BC / TX)
 const ACC_CAP: u32 = 16u;      // max output vec4 accumulators per thread (TM * D / (4 TX))
 
-@group(0) @binding(1) var<storage, read> q_buf: array<vec4<Elem>>;
-@group(0) @binding(2) var<storage, read> k_buf: array<vec4<Elem>>;
-@group(0) @binding(3) var<storage, read> v_buf: array<vec4<Elem>>;
+@group(0) @binding(1) var<storage, read> q_buf: array<Elem4>;
+@group(0) @binding(2) var<storage, read> k_buf: array<Elem4>;
+@group(0) @binding(3) var<storage, read> v_buf: array<Elem4>;
 @group(0) @binding(7) var<storage, read> bits_buf: array<u32>;
 
 // The forward kernels read mask bits from their own binding.
@@ -40,13 +48,31 @@ fn load_kv(from_v: bool, head_base: u32, key0: u32, c0: u32, lid: u32) {
         if (key0 + r < P.seq_k) {
             let g = head_base + token(key0 + r) * (D / 4u) + c0 / 4u + c4;
             if (from_v) {
-                val = vec4<f32>(v_buf[g]);
+                val = load4(v_buf[g]);
             } else {
-                val = vec4<f32>(k_buf[g]);
+                val = load4(k_buf[g]);
             }
         }
         kv_tile[r * (per_row + 1u) + c4] = val;
     }
+}
+
+// The max and the sum of `x` over the TX threads of a row (SUBGROUP_RED): log2(TX) butterfly
+// steps, after which every thread of the row holds the result.
+fn lanes_max(x: f32) -> f32 {
+    var v = x;
+    for (var m = 1u; m < TX; m <<= 1u) {
+        v = max(v, lane_xor(v, m));
+    }
+    return v;
+}
+
+fn lanes_sum(x: f32) -> f32 {
+    var v = x;
+    for (var m = 1u; m < TX; m <<= 1u) {
+        v += lane_xor(v, m);
+    }
+    return v;
 }
 
 @compute @workgroup_size(THREADS)
@@ -74,7 +100,7 @@ fn main(
         let r = e / (D / 4u);
         var val = vec4<f32>(0.0);
         if (q0 + r < P.seq_q) {
-            val = vec4<f32>(q_buf[q_head + token(q0 + r) * (D / 4u) + e % (D / 4u)]) * P.scale_log2;
+            val = load4(q_buf[q_head + token(q0 + r) * (D / 4u) + e % (D / 4u)]) * P.scale_log2;
         }
         q_tile[e] = val;
     }
@@ -128,19 +154,30 @@ fn main(
             }
         }
         // Online softmax: tile row max, rescale, P = exp2(S - m), tile row sum.
+        var tile_max: array<f32, TM_CAP>;
         for (var i = 0u; i < TM; i++) {
             var mx = NEG;
             for (var j = 0u; j < SN; j++) {
                 mx = max(mx, s[i * SN + j]);
             }
-            red_m[(ty + TY * i) * TX + tx] = mx;
+            if (SUBGROUP_RED) {
+                tile_max[i] = lanes_max(mx);
+            } else {
+                red_m[(ty + TY * i) * TX + tx] = mx;
+            }
         }
-        workgroupBarrier();
+        if (!SUBGROUP_RED) {
+            workgroupBarrier();
+        }
         for (var i = 0u; i < TM; i++) {
             let r = ty + TY * i;
             var m_new = m_i[i];
-            for (var t = 0u; t < TX; t++) {
-                m_new = max(m_new, red_m[r * TX + t]);
+            if (SUBGROUP_RED) {
+                m_new = max(m_new, tile_max[i]);
+            } else {
+                for (var t = 0u; t < TX; t++) {
+                    m_new = max(m_new, red_m[r * TX + t]);
+                }
             }
             let alpha = exp2(m_i[i] - m_new);
             m_i[i] = m_new;
@@ -156,7 +193,11 @@ fn main(
                 p_tile[r * BC + tx + TX * j] = p;
                 ps += p;
             }
-            red_l[r * TX + tx] = ps;
+            if (SUBGROUP_RED) {
+                l_i[i] += lanes_sum(ps);
+            } else {
+                red_l[r * TX + tx] = ps;
+            }
         }
 
         // O += P V, over head-dim chunks (the first barrier also publishes p_tile and red_l).
@@ -173,13 +214,15 @@ fn main(
                 }
             }
         }
-        for (var i = 0u; i < TM; i++) {
-            let r = ty + TY * i;
-            var ls = 0.0;
-            for (var t = 0u; t < TX; t++) {
-                ls += red_l[r * TX + t];
+        if (!SUBGROUP_RED) {
+            for (var i = 0u; i < TM; i++) {
+                let r = ty + TY * i;
+                var ls = 0.0;
+                for (var t = 0u; t < TX; t++) {
+                    ls += red_l[r * TX + t];
+                }
+                l_i[i] += ls;
             }
-            l_i[i] += ls;
         }
     }
 
@@ -193,12 +236,7 @@ fn main(
         let inv = select(0.0, 1.0 / l, l > 0.0);
         let dest = dest_row(it, r);
         for (var o = 0u; o < ON; o++) {
-            let v = acc[i * ON + o] * inv;
-            let c = 4u * (tx + TX * o);
-            store_o(it, dest, c, v.x);
-            store_o(it, dest, c + 1u, v.y);
-            store_o(it, dest, c + 2u, v.z);
-            store_o(it, dest, c + 3u, v.w);
+            store_o4(it, dest, 4u * (tx + TX * o), acc[i * ON + o] * inv);
         }
         if (tx == 0u) {
             store_lse(it, dest, m_i[i], l);

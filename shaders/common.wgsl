@@ -1,7 +1,8 @@
 // What every attention kernel shares: overrides, parameters, bindings other than Q/K/V, the
 // walk over a work item's key tiles, mask bits, the token permutation, storing results, and the
-// split-KV merge. The host prepends a prologue that enables extensions and defines `Elem`, the
-// storage type of Q, K, V and O (f32 or f16).
+// split-KV merge. The host prepends a prologue that enables extensions and defines the storage
+// type of Q, K, V and O (f32, f16 or bf16): `Elem4`, four elements in memory, with `load4` and
+// `pack4` to widen them to vec4<f32> and round them back (storage_float.wgsl, storage_bf16.wgsl).
 //
 // A workgroup owns one query tile of BR rows of one (batch, head) and walks the key tiles that its
 // work item names; each key tile is BC keys. The walk is one of three paths (PATH):
@@ -55,7 +56,7 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> P: Params;
-@group(0) @binding(4) var<storage, read_write> o_buf: array<Elem>;
+@group(0) @binding(4) var<storage, read_write> o_buf: array<Elem4>;
 @group(0) @binding(5) var<storage, read_write> lse_buf: array<f32>;
 // Work items (8 u32 each: query tile, block-mask row, batch base, split slot or NO_SPLIT,
 // first and end position within the walk, 2 unused), then the per-row table at rows_off, the
@@ -178,12 +179,16 @@ fn dest_row(it: Item, r: u32) -> u32 {
     return (it.b * P.heads + it.h) * P.seq_q + token(it.qt * BR + r);
 }
 
-// Stores column `c` of normalised output row `r` (row index from dest_row).
-fn store_o(it: Item, dest: u32, c: u32, value: f32) {
+// Stores columns c..c+3 (c a multiple of 4) of normalised output row `dest` (from dest_row).
+fn store_o4(it: Item, dest: u32, c: u32, v: vec4<f32>) {
     if (it.split != NO_SPLIT) {
-        scratch[dest * D + c] = value;
+        let s = dest * D + c;
+        scratch[s] = v.x;
+        scratch[s + 1u] = v.y;
+        scratch[s + 2u] = v.z;
+        scratch[s + 3u] = v.w;
     } else {
-        o_buf[dest * D + c] = Elem(value);
+        o_buf[(dest * D + c) / 4u] = pack4(v);
     }
 }
 
@@ -201,7 +206,7 @@ fn store_lse(it: Item, dest: u32, m: f32, l: f32) {
 }
 
 // Combines the parts of split query tiles: merge item = (query tile, batch base, first slot,
-// slot count); one workgroup per (merge item, head, z).
+// slot count); one workgroup per (merge item, head, z), one thread per four columns of a row.
 @compute @workgroup_size(THREADS)
 fn merge(
     @builtin(workgroup_id) wg: vec3<u32>,
@@ -214,9 +219,9 @@ fn merge(
     let s0 = index_buf[m + 2u];
     let ns = index_buf[m + 3u];
     let h = wg.y;
-    for (var e = lid; e < BR * D; e += THREADS) {
-        let r = e / D;
-        let c = e % D;
+    for (var e = lid; e < BR * D / 4u; e += THREADS) {
+        let r = e / (D / 4u);
+        let c4 = e % (D / 4u);
         let qrow = qt * BR + r;
         if (qrow >= P.seq_q) {
             continue;
@@ -226,19 +231,20 @@ fn merge(
             mx = max(mx, scratch[P.scratch_lse_off + ((s * nwg.z + wg.z) * P.heads + h) * BR + r]);
         }
         var big_l = 0.0;
-        var o = 0.0;
+        var o = vec4<f32>(0.0);
         for (var s = s0; s < s0 + ns; s++) {
             let part = ((s * nwg.z + wg.z) * P.heads + h) * BR + r;
             let ls = scratch[P.scratch_lse_off + part];
             if (ls > NEG_CUT) {
                 let wt = exp2(ls - mx);
                 big_l += wt;
-                o += wt * scratch[part * D + c];
+                let x = part * D + 4u * c4;
+                o += wt * vec4<f32>(scratch[x], scratch[x + 1u], scratch[x + 2u], scratch[x + 3u]);
             }
         }
         let out_row = (b * P.heads + h) * P.seq_q + token(qrow);
-        o_buf[out_row * D + c] = Elem(select(0.0, o / big_l, big_l > 0.0));
-        if (WRITE_LSE && c == 0u) {
+        o_buf[out_row * (D / 4u) + c4] = pack4(select(vec4<f32>(0.0), o / big_l, big_l > 0.0));
+        if (WRITE_LSE && c4 == 0u) {
             var lse = bitcast<f32>(P.neg_inf_bits);
             if (big_l > 0.0) {
                 lse = (mx + log2(big_l)) * LN2;

@@ -14,6 +14,8 @@ pub enum Tier {
     PortableF32,
     /// f16 storage, f32 arithmetic (`SHADER_F16`).
     PortableF16,
+    /// bf16 storage (pairs in `u32` words, widened in the shader), f32 arithmetic; no features.
+    PortableBf16,
     /// f16 storage, Q·Kᵀ and P·V on tensor cores through cooperative matrices
     /// (16×16×16, f16 operands, f32 accumulators), softmax in f32.
     TensorCore,
@@ -25,6 +27,7 @@ impl Tier {
         match self {
             Tier::PortableF32 => DType::F32,
             Tier::PortableF16 | Tier::TensorCore => DType::F16,
+            Tier::PortableBf16 => DType::BF16,
         }
     }
 }
@@ -34,6 +37,7 @@ impl fmt::Display for Tier {
         f.write_str(match self {
             Tier::PortableF32 => "portable-f32",
             Tier::PortableF16 => "portable-f16",
+            Tier::PortableBf16 => "portable-bf16",
             Tier::TensorCore => "tensor-core-f16",
         })
     }
@@ -45,10 +49,14 @@ impl std::str::FromStr for Tier {
         match s {
             "portable-f32" | "f32" => Ok(Tier::PortableF32),
             "portable-f16" => Ok(Tier::PortableF16),
+            "portable-bf16" => Ok(Tier::PortableBf16),
             "tensor-core-f16" | "tensor-core" => Ok(Tier::TensorCore),
             _ => Err(Error::InvalidArgument {
                 what: "tier",
-                why: format!("{s:?} is not one of portable-f32, portable-f16, tensor-core-f16"),
+                why: format!(
+                    "{s:?} is not one of portable-f32, portable-f16, portable-bf16, \
+                     tensor-core-f16"
+                ),
             }),
         }
     }
@@ -204,6 +212,14 @@ impl Gpu {
         &self.coop_matrix
     }
 
+    /// The adapter's smallest subgroup size when the device has `SUBGROUP` (the portable
+    /// kernel's row reductions can then use subgroup shuffles), else `None`.
+    pub fn min_subgroup_size(&self) -> Option<u32> {
+        self.features()
+            .contains(wgpu::Features::SUBGROUP)
+            .then_some(self.info.subgroup_min_size)
+    }
+
     /// Whether the device runs in software on the CPU (lavapipe, SwiftShader, WARP).
     pub fn is_cpu(&self) -> bool {
         self.info.device_type == wgpu::DeviceType::Cpu
@@ -213,7 +229,7 @@ impl Gpu {
     pub fn supports(&self, tier: Tier) -> Result<()> {
         let f = self.features();
         match tier {
-            Tier::PortableF32 => Ok(()),
+            Tier::PortableF32 | Tier::PortableBf16 => Ok(()),
             Tier::PortableF16 if f.contains(wgpu::Features::SHADER_F16) => Ok(()),
             Tier::PortableF16 => Err(Error::TierUnavailable(
                 "portable-f16 needs SHADER_F16, which this device lacks".into(),
@@ -238,17 +254,19 @@ impl Gpu {
         }
     }
 
-    /// The tier that runs inputs stored as `dtype` when the caller does not choose: portable
-    /// f16 for f16 (where the device has `SHADER_F16`; it measured faster than the tensor-core
-    /// kernel on the H100, see BENCHMARKS.md), the tensor-core kernel where only it is offered,
-    /// portable f32 for f32.
+    /// The tier that runs inputs stored as `dtype` when the caller does not choose: tensor
+    /// cores for f16 where the device offers them (2.2x the portable f16 kernel on the H100, see
+    /// BENCHMARKS.md), else portable f16 (`SHADER_F16`); portable bf16 for bf16 (every device),
+    /// portable f32 for f32. A plan whose head dim the tensor-core kernel does not hold (over
+    /// 128) runs portable f16 instead.
     pub fn tier_for(&self, dtype: DType) -> Result<Tier> {
         match dtype {
             DType::F32 => Ok(Tier::PortableF32),
+            DType::BF16 => Ok(Tier::PortableBf16),
             DType::F16 => self
-                .supports(Tier::PortableF16)
-                .map(|_| Tier::PortableF16)
-                .or_else(|_| self.supports(Tier::TensorCore).map(|_| Tier::TensorCore)),
+                .supports(Tier::TensorCore)
+                .map(|_| Tier::TensorCore)
+                .or_else(|_| self.supports(Tier::PortableF16).map(|_| Tier::PortableF16)),
         }
     }
 
@@ -331,11 +349,22 @@ impl Gpu {
             }
         }
         s += &format!(
-            "kernel tier:    {} for f16 inputs, {} for f32 inputs\n",
+            "kernel tier:    {} for f16 inputs, {} for bf16 inputs, {} for f32 inputs\n",
             self.tier_for(DType::F16)
                 .map(|t| t.to_string())
                 .unwrap_or_else(|_| "none".into()),
+            Tier::PortableBf16,
             Tier::PortableF32
+        );
+        s += &format!(
+            "row reductions: {}\n",
+            match self.min_subgroup_size() {
+                Some(n) => format!(
+                    "subgroup shuffles in portable tiles of up to {n} threads per row, \
+                     workgroup memory in wider ones"
+                ),
+                None => "workgroup memory (no subgroups)".into(),
+            }
         );
         s
     }

@@ -10,14 +10,18 @@ use crate::gpu::Tier;
 
 /// WGSL shared by every kernel: walk, masks, stores, split-KV merge.
 pub const COMMON_WGSL: &str = include_str!("../shaders/common.wgsl");
-/// WGSL of the portable kernel (all paths and tile shapes, f32 or f16 storage).
+/// WGSL of the f32 and f16 storage types (after `alias Elem = f32;` or `f16`).
+pub const STORAGE_FLOAT_WGSL: &str = include_str!("../shaders/storage_float.wgsl");
+/// WGSL of the bf16 storage type (bf16 pairs in `u32` words).
+pub const STORAGE_BF16_WGSL: &str = include_str!("../shaders/storage_bf16.wgsl");
+/// WGSL of the portable kernel (all paths and tile shapes, f32, f16 or bf16 storage).
 pub const ATTENTION_WGSL: &str = include_str!("../shaders/attention.wgsl");
 /// WGSL of the tensor-core kernel (cooperative matrices, f16 storage).
 pub const ATTENTION_COOP_WGSL: &str = include_str!("../shaders/attention_coop.wgsl");
-/// WGSL of the backward kernels (pre-pass, dK/dV, dQ; f32 arithmetic on f32 or f16 storage).
+/// WGSL of the backward kernels (pre-pass, dK/dV, dQ; f32 arithmetic on every storage type).
 pub const BACKWARD_WGSL: &str = include_str!("../shaders/backward.wgsl");
 
-/// Storage type of Q, K, V and O.
+/// Storage type of Q, K, V and O (the kernels compute in f32 on every storage type).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum DType {
     /// 32-bit float.
@@ -25,6 +29,10 @@ pub enum DType {
     F32,
     /// 16-bit float (needs `SHADER_F16`).
     F16,
+    /// bfloat16: the upper 16 bits of an f32, as most models store their weights. WGSL has no
+    /// such type: the kernels read pairs of them from `u32` words and widen them to f32, and
+    /// round f32 results to the nearest even bfloat16 when they store them (no features needed).
+    BF16,
 }
 
 impl DType {
@@ -32,7 +40,7 @@ impl DType {
     pub fn size(self) -> usize {
         match self {
             DType::F32 => 4,
-            DType::F16 => 2,
+            DType::F16 | DType::BF16 => 2,
         }
     }
 
@@ -41,13 +49,17 @@ impl DType {
         (n * self.size()).next_multiple_of(4) as u64
     }
 
-    /// `data` converted to this type (f16: rounded to nearest), as bytes padded to 4.
+    /// `data` converted to this type (f16, bf16: rounded to nearest even), as bytes padded to 4.
     pub fn encode(self, data: &[f32]) -> Vec<u8> {
         let mut out = match self {
             DType::F32 => bytemuck::cast_slice(data).to_vec(),
             DType::F16 => data
                 .iter()
                 .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
+                .collect(),
+            DType::BF16 => data
+                .iter()
+                .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())
                 .collect(),
         };
         out.resize(out.len().next_multiple_of(4), 0);
@@ -56,12 +68,16 @@ impl DType {
 
     /// The first `n` elements of `bytes` as f32.
     pub fn decode(self, bytes: &[u8], n: usize) -> Vec<f32> {
+        let halves = |widen: fn([u8; 2]) -> f32| -> Vec<f32> {
+            bytes[..n * 2]
+                .chunks_exact(2)
+                .map(|b| widen([b[0], b[1]]))
+                .collect()
+        };
         match self {
             DType::F32 => bytemuck::cast_slice(&bytes[..n * 4]).to_vec(),
-            DType::F16 => bytes[..n * 2]
-                .chunks_exact(2)
-                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
+            DType::F16 => halves(|b| half::f16::from_le_bytes(b).to_f32()),
+            DType::BF16 => halves(|b| half::bf16::from_le_bytes(b).to_f32()),
         }
     }
 }
@@ -71,28 +87,48 @@ impl fmt::Display for DType {
         f.write_str(match self {
             DType::F32 => "f32",
             DType::F16 => "f16",
+            DType::BF16 => "bf16",
         })
     }
 }
 
-/// The WGSL module of a tier: a prologue for extensions and the storage type, then the shared
-/// code and the kernel's own.
-pub fn module_source(tier: Tier) -> String {
-    let (prologue, kernel) = match tier {
-        Tier::PortableF32 | Tier::PortableF16 => (storage_prologue(tier.dtype()), ATTENTION_WGSL),
-        Tier::TensorCore => (
-            "enable f16;\nenable wgpu_cooperative_matrix;\nalias Elem = f16;\n",
-            ATTENTION_COOP_WGSL,
+/// The WGSL module of a tier: a prologue for extensions, the storage type and, for the portable
+/// kernel, the lane exchange of its row reductions; then the shared code and the kernel's own.
+///
+/// `subgroups` says whether the device has `SUBGROUP`: only then does the portable module hold
+/// subgroup operations (naga 30 rejects `enable subgroups;` and needs none). The tensor-core
+/// module never does: one NVIDIA driver crashed on modules that mix them with cooperative
+/// matrices.
+pub fn module_source(tier: Tier, subgroups: bool) -> String {
+    match tier {
+        Tier::PortableF32 | Tier::PortableF16 | Tier::PortableBf16 => {
+            let lanes = if subgroups {
+                "fn lane_xor(x: f32, mask: u32) -> f32 {\n    return subgroupShuffleXor(x, mask);\n}\n"
+            } else {
+                // The host sets SUBGROUP_RED only on devices with subgroups.
+                "// No subgroups: SUBGROUP_RED stays false and this is never called.\n\
+                 fn lane_xor(x: f32, mask: u32) -> f32 {\n    return x;\n}\n"
+            };
+            format!(
+                "{}{lanes}{COMMON_WGSL}\n{ATTENTION_WGSL}",
+                storage_prologue(tier.dtype())
+            )
+        }
+        Tier::TensorCore => format!(
+            "enable wgpu_cooperative_matrix;\n{}{COMMON_WGSL}\n{ATTENTION_COOP_WGSL}",
+            storage_prologue(DType::F16)
         ),
-    };
-    format!("{prologue}{COMMON_WGSL}\n{kernel}")
+    }
 }
 
-/// The prologue that defines `Elem` as `dtype` (and enables f16 when needed).
-fn storage_prologue(dtype: DType) -> &'static str {
+/// The prologue of storage type `dtype`: `Elem4` (four elements of Q, K, V, O or a gradient),
+/// `load4` (widen to `vec4<f32>`) and `pack4` (round to the storage type), with f16 enabled
+/// where needed and `Elem` (the element type) for f32 and f16.
+fn storage_prologue(dtype: DType) -> String {
     match dtype {
-        DType::F32 => "alias Elem = f32;\n",
-        DType::F16 => "enable f16;\nalias Elem = f16;\n",
+        DType::F32 => format!("alias Elem = f32;\n{STORAGE_FLOAT_WGSL}"),
+        DType::F16 => format!("enable f16;\nalias Elem = f16;\n{STORAGE_FLOAT_WGSL}"),
+        DType::BF16 => STORAGE_BF16_WGSL.to_string(),
     }
 }
 
@@ -104,7 +140,8 @@ pub fn backward_module_source(dtype: DType) -> String {
 
 /// Invocations per workgroup of the backward kernels (the WebGPU baseline maximum).
 pub const BACKWARD_THREADS: usize = 256;
-// Capacities of the backward kernels' per-thread accumulators (ACC_CAP, DQ_CAP).
+// Capacities of the backward kernels' per-thread accumulators in floats (ACC_CAP and DQ_CAP
+// vec4s).
 const BACKWARD_ACC_CAP: usize = 64;
 const BACKWARD_DQ_CAP: usize = 16;
 
@@ -218,9 +255,12 @@ const PORTABLE: [(usize, usize, usize, usize); 8] = [
     (8, 32, 8, 8),
 ];
 
-/// Tensor-core tile shapes (rows, cols), fastest first.
-const TENSOR_CORE: [(usize, usize); 6] =
-    [(64, 64), (64, 32), (32, 64), (32, 32), (16, 64), (16, 32)];
+/// Tensor-core tile shapes (rows, cols), fastest first. Tiles of 64 keys measured slower on the
+/// H100 at every shape (d = 64: 64x64 0.66x of 64x32, 32x64 0.66x of 32x32; d = 128: 32x64
+/// 0.38x of 32x32; see BENCHMARKS.md), so the kernel walks 32 keys at a time.
+const TENSOR_CORE: [(usize, usize); 3] = [(64, 32), (32, 32), (16, 32)];
+/// Most head-dim blocks of 16 the tensor-core kernel holds in registers (its DT_CAP).
+const TENSOR_CORE_DT_CAP: usize = 8;
 
 /// Workgroup memory of common.wgsl's `walk` (vec4<u32>) and `span` (vec2<u32>).
 const WALK_BYTES: usize = 24;
@@ -231,12 +271,18 @@ impl KernelConfig {
     pub fn workgroup_bytes(&self) -> usize {
         let (br, bc, d) = (self.tile_rows, self.tile_cols, self.head_dim);
         match self.tier {
-            Tier::PortableF32 | Tier::PortableF16 => {
+            Tier::PortableF32 | Tier::PortableF16 | Tier::PortableBf16 => {
                 4 * (br * d + bc * (self.dc + 4) + br * bc + 2 * br * self.tx) + WALK_BYTES
             }
-            // q, kv (f16); s (f32); p (f16); o (f32); row partials; walk
+            // q_sh, kv_sh (f16, rows padded by 8); f_sh (f32, rows of max(bc, d) + 4);
+            // p_sh (f16, rows padded by 8); red (4 br + 4 f32); walk
             Tier::TensorCore => {
-                2 * br * d + 2 * bc * d + 6 * br * bc + 4 * br * d + 16 * br + WALK_BYTES
+                2 * br * (d + 8)
+                    + 2 * bc * (d + 8)
+                    + 4 * br * (bc.max(d) + 4)
+                    + 2 * br * (bc + 8)
+                    + 4 * (4 * br + 4)
+                    + WALK_BYTES
             }
         }
     }
@@ -264,6 +310,7 @@ impl KernelConfig {
                 && bc.is_multiple_of(32)
                 && bc / 2 <= HALF_CAP
                 && d.is_multiple_of(16)
+                && d / 16 <= TENSOR_CORE_DT_CAP
                 && (tx, ty, dc) == (2, br, d);
         }
         let tm = br / ty;
@@ -348,6 +395,8 @@ pub(crate) struct Variant {
     pub dense_mask: bool,
     pub write_lse: bool,
     pub permuted: bool,
+    /// Row reductions by subgroup shuffles (portable tiers on devices with `SUBGROUP` only).
+    pub subgroup_red: bool,
     /// The split-KV merge entry point instead of the attention one.
     pub merge: bool,
 }
@@ -472,10 +521,11 @@ impl PipelineCache {
             .modules
             .entry(variant.config.tier)
             .or_insert_with(|| {
+                let subgroups = device.features().contains(wgpu::Features::SUBGROUP);
                 trusted_module(
                     device,
                     "blockflash attention",
-                    module_source(variant.config.tier),
+                    module_source(variant.config.tier, subgroups),
                 )
             })
             .clone();
@@ -529,7 +579,11 @@ impl PipelineCache {
             ("PERMUTED", variant.permuted as u32 as f64),
         ];
         if k.tier != Tier::TensorCore {
-            constants.extend([("DC", k.dc as f64), ("TX", k.tx as f64)]);
+            constants.extend([
+                ("DC", k.dc as f64),
+                ("TX", k.tx as f64),
+                ("SUBGROUP_RED", variant.subgroup_red as u32 as f64),
+            ]);
         }
         let pipeline = build_pipeline(
             device,

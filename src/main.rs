@@ -50,11 +50,18 @@ enum Command {
     /// --samples output rows against the f64 CPU reference. The exit status is non-zero if any
     /// case's relative error exceeds 1e-4 (f32) or 5e-3 (f16).
     ///
-    /// --json FILE writes one JSON object per line and case with: mask, seq, batch, heads,
-    /// kv_heads, head_dim, precision, tier, path, tile, active_tiles, ms_dense, ms_masked,
-    /// speedup (= ms_dense / ms_masked), ideal_speedup (= 1 / active_tiles), tflops (useful
-    /// FLOPs of active tiles), max_rel_error, ms_plan (block mask + plan build), clock, adapter,
-    /// backend, driver.
+    /// --backward times forward then backward (dQ, dK, dV) of both plans in one command buffer
+    /// (the dense plan once per run: it is the same for every mask), and also checks dQ on
+    /// sampled rows and dK, dV on sampled keys of one key/value head (relative L2 over the
+    /// samples, same tolerances).
+    ///
+    /// --json FILE writes one JSON object per line and case with: pass ("fwd" or "fwd+bwd"),
+    /// mask, seq, batch, heads, kv_heads, head_dim, precision, tier, path, tile, active_tiles,
+    /// ms_dense, ms_masked, speedup (= ms_dense / ms_masked), ideal_speedup (= 1 /
+    /// active_tiles), tflops (useful FLOPs of active tiles), max_rel_error, ms_plan (block
+    /// mask and plan build), clock, adapter, backend, driver; with --backward also
+    /// ms_fwd_dense, ms_fwd_masked (the forward parts), max_rel_error_dq, max_rel_error_dk,
+    /// max_rel_error_dv and grad_check (what the gradient check covers).
     #[command(long_about)]
     Bench(cli::bench::BenchArgs),
 }

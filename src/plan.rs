@@ -53,6 +53,13 @@ pub struct PlanOptions {
     /// several workgroups and merged by log-sum-exp. `None` splits only query tiles with over
     /// four times the mean work (global tokens); `Some(usize::MAX)` never splits.
     pub max_tiles_per_workgroup: Option<usize>,
+    /// How the portable kernel combines a row's max and sum over the threads of the row:
+    /// `Some(true)` by subgroup shuffles (needs `SUBGROUP`; only tiles with at most as many
+    /// threads per row as the adapter's smallest subgroup are considered), `Some(false)`
+    /// through workgroup memory. `None` uses subgroup shuffles where the device has them and
+    /// the chosen tile fits, unless the environment variable `BLOCKFLASH_SUBGROUP_REDUCTIONS`
+    /// says `0` (never) or `1` (as `Some(true)`). The tensor-core tier never uses them.
+    pub subgroup_reductions: Option<bool>,
 }
 
 impl Default for PlanOptions {
@@ -66,13 +73,15 @@ impl Default for PlanOptions {
             max_tiles_per_workgroup: None,
             dtype: DType::F32,
             tier: None,
+            subgroup_reductions: None,
         }
     }
 }
 
 /// GPU buffers of one attention call, owned by the caller (the GPU-resident form).
 ///
-/// Q `[B, H, Nq, d]`, K and V `[B, Hkv, Nk, d]`, O `[B, H, Nq, d]` as f32 storage buffers, LSE
+/// Q `[B, H, Nq, d]`, K and V `[B, Hkv, Nk, d]`, O `[B, H, Nq, d]` as storage buffers in the
+/// plan's storage type ([`Plan::dtype`]; bf16 as the raw 16-bit patterns, two per 4 bytes), LSE
 /// `[B, H, Nq]` f32 (needed only when the plan writes it).
 #[derive(Clone, Copy, Debug)]
 pub struct Tensors<'a> {
@@ -128,6 +137,7 @@ pub struct Plan {
     path: Path,
     dense_mask: bool,
     write_lse: bool,
+    subgroup_red: bool,
     block_mask: Option<BlockMask>,
     permuted: Option<(usize, usize)>,
     /// The RCM permutation (empty when tokens are not reordered).
@@ -190,7 +200,14 @@ fn choose(
             (Path::Sparse, block_cost + active * 64.0),
         ];
         if bm.runs().is_some() {
-            options.push((Path::RunLength, block_cost));
+            // The tensor-core kernel's run-length walk measured 1.6x its sparse walk's time per
+            // tile on the H100 (a full mask at N = 16384: 496 against 316 ms, BENCHMARKS.md).
+            let walk = if config.tier == Tier::TensorCore {
+                1.6
+            } else {
+                1.0
+            };
+            options.push((Path::RunLength, block_cost * walk));
         }
         if let Some(p) = forced_path {
             if p == Path::RunLength && bm.runs().is_none() {
@@ -264,7 +281,17 @@ impl Plan {
                 gpu.supports(t)?;
                 t
             }
-            None => gpu.tier_for(options.dtype)?,
+            None => match gpu.tier_for(options.dtype)? {
+                // Head dims the tensor-core kernel does not hold run on the portable f16 kernel.
+                Tier::TensorCore
+                    if KernelConfig::candidates(&limits, Tier::TensorCore, shape.head_dim)
+                        .is_empty()
+                        && gpu.supports(Tier::PortableF16).is_ok() =>
+                {
+                    Tier::PortableF16
+                }
+                t => t,
+            },
         };
         if tier.dtype() != options.dtype {
             return Err(Error::TierUnavailable(format!(
@@ -296,6 +323,40 @@ impl Plan {
                         .collect::<Vec<_>>()
                 ),
             });
+        }
+        // Row reductions by subgroup shuffles: portable tiles whose threads of a row fit in the
+        // adapter's smallest subgroup.
+        let lanes = gpu.min_subgroup_size().filter(|_| tier != Tier::TensorCore);
+        let fits_lanes =
+            |k: &KernelConfig| lanes.is_some_and(|n| k.tx.is_power_of_two() && k.tx <= n as usize);
+        let subgroups = match options.subgroup_reductions {
+            Some(on) => Some(on),
+            None => subgroup_reductions_from_env()?,
+        };
+        if subgroups == Some(true) {
+            let Some(n) = lanes else {
+                return Err(Error::TierUnavailable(format!(
+                    "subgroup reductions need SUBGROUP and a portable tier; this plan runs {tier} \
+                     on a device {} subgroups",
+                    if gpu.min_subgroup_size().is_some() {
+                        "with"
+                    } else {
+                        "without"
+                    }
+                )));
+            };
+            candidates.retain(|k| fits_lanes(k));
+            if candidates.is_empty() {
+                return Err(Error::TierUnavailable(format!(
+                    "subgroup reductions need tiles with at most {n} threads per row (the \
+                     adapter's smallest subgroup); {tier} has none{} at head dim {}",
+                    options
+                        .tile
+                        .map(|(r, c)| format!(" at {r}x{c}"))
+                        .unwrap_or_default(),
+                    shape.head_dim
+                )));
+            }
         }
         let mut why = String::new();
 
@@ -381,6 +442,7 @@ impl Plan {
             }
         };
         let dense_mask = path == Path::Dense && mask_used.is_some();
+        let subgroup_red = subgroups != Some(false) && fits_lanes(&config);
 
         // Index buffer: work items, per-row table, key-tile list, permutation.
         let q_tiles = shape.seq_q.div_ceil(config.tile_rows);
@@ -535,6 +597,7 @@ impl Plan {
             path,
             dense_mask,
             write_lse: options.write_lse,
+            subgroup_red,
             block_mask,
             permuted: reordered.map(|r| (r.2, r.3)),
             perm,
@@ -561,6 +624,7 @@ impl Plan {
             dense_mask: self.dense_mask,
             write_lse: self.write_lse,
             permuted: self.permuted.is_some(),
+            subgroup_red: self.subgroup_red,
             merge: false,
         }
     }
@@ -588,6 +652,12 @@ impl Plan {
     /// The kernel tier the plan runs.
     pub fn tier(&self) -> Tier {
         self.config.tier
+    }
+
+    /// Whether the kernel combines row maxima and sums by subgroup shuffles (else through
+    /// workgroup memory); see [`PlanOptions::subgroup_reductions`].
+    pub fn subgroup_reductions(&self) -> bool {
+        self.subgroup_red
     }
 
     /// The block mask the plan runs on (in reordered token order when RCM was applied).
@@ -620,7 +690,8 @@ impl Plan {
         );
         let _ = writeln!(
             d,
-            "tier: {}; tiles {}x{}, head-dim chunk {}, {} threads ({}x{}), {} B workgroup memory",
+            "tier: {}; tiles {}x{}, head-dim chunk {}, {} threads ({}x{}), {} B workgroup memory, \
+             row reductions by {}",
             self.tier(),
             c.tile_rows,
             c.tile_cols,
@@ -628,7 +699,12 @@ impl Plan {
             c.threads(),
             c.tx,
             c.ty,
-            c.workgroup_bytes()
+            c.workgroup_bytes(),
+            if self.subgroup_red {
+                "subgroup shuffles"
+            } else {
+                "workgroup memory"
+            }
         );
         let _ = writeln!(d, "path: {}", self.path);
         if let Some(bm) = &self.block_mask {
@@ -794,8 +870,8 @@ impl Plan {
     ///
     /// Q `[B, H, Nq, d]`, K and V `[B, Hkv, Nk, d]` row-major f32; returns O `[B, H, Nq, d]`
     /// and LSE `[B, H, Nq]` (natural log; −∞ for rows with no allowed key; empty when the
-    /// plan does not write it). A plan with f16 storage rounds the inputs to f16 on upload and
-    /// returns the f16 output widened to f32.
+    /// plan does not write it). A plan with f16 or bf16 storage rounds the inputs to it on
+    /// upload and returns its output widened to f32.
     pub fn run(&self, q: &[f32], k: &[f32], v: &[f32]) -> Result<Output<f32>> {
         pollster::block_on(self.run_async(q, k, v))
     }
@@ -898,6 +974,20 @@ impl Plan {
             e.decode(&bytes[0], q.len()),
             DType::F32.decode(&bytes[1], lse_len),
         ))
+    }
+}
+
+/// `BLOCKFLASH_SUBGROUP_REDUCTIONS`: `0` for never, `1` for always (as
+/// `PlanOptions::subgroup_reductions`); unset or empty leaves the choice to the plan.
+fn subgroup_reductions_from_env() -> Result<Option<bool>> {
+    match std::env::var("BLOCKFLASH_SUBGROUP_REDUCTIONS").as_deref() {
+        Err(_) | Ok("") => Ok(None),
+        Ok("0") => Ok(Some(false)),
+        Ok("1") => Ok(Some(true)),
+        Ok(other) => Err(Error::InvalidArgument {
+            what: "BLOCKFLASH_SUBGROUP_REDUCTIONS",
+            why: format!("{other:?} is not 0 or 1"),
+        }),
     }
 }
 

@@ -214,40 +214,196 @@ pub fn attention_backward(
     if let Some(m) = mask {
         check_mask(shape, m)?;
     }
-    let scale = scale.unwrap_or(shape.default_scale()) as f64;
+    let scale = scale.unwrap_or(shape.default_scale());
+    let sc = scale as f64;
     let d = shape.head_dim;
     let mut dq = vec![0.0f64; shape.q_len()];
     let mut dk = vec![0.0f64; shape.kv_len()];
     let mut dv = vec![0.0f64; shape.kv_len()];
-    let dot =
-        |a: &[f32], b: &[f32]| -> f64 { a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum() };
+    let t = [q, k, v, d_o];
     for b in 0..shape.batch {
         for h in 0..shape.heads {
-            let hk = h / shape.group();
-            let kv_base = (b * shape.kv_heads + hk) * shape.seq_k * d;
+            let kv_base = (b * shape.kv_heads + h / shape.group()) * shape.seq_k * d;
             for i in 0..shape.seq_q {
                 let row = ((b * shape.heads + h) * shape.seq_q + i) * d;
-                let (o, lse) = attention_row(shape, q, k, v, mask, scale as f32, b, h, i);
-                if lse == f64::NEG_INFINITY {
+                let Some(stats) = row_stats(shape, t, mask, scale, b, h, i) else {
                     continue;
-                }
+                };
                 let (qrow, dorow) = (&q[row..][..d], &d_o[row..][..d]);
-                let delta: f64 = dorow.iter().zip(&o).map(|(&g, &o)| g as f64 * o).sum();
                 for j in 0..shape.seq_k {
                     if mask.is_some_and(|m| !m.get(b, i, j)) {
                         continue;
                     }
                     let (krow, vrow) = (&k[kv_base + j * d..][..d], &v[kv_base + j * d..][..d]);
-                    let p = (dot(qrow, krow) * scale - lse).exp();
-                    let ds = p * (dot(dorow, vrow) - delta);
+                    let (p, ds) = pair_grad(qrow, krow, vrow, dorow, sc, stats);
                     for c in 0..d {
                         dv[kv_base + j * d + c] += p * dorow[c] as f64;
-                        dk[kv_base + j * d + c] += scale * ds * qrow[c] as f64;
-                        dq[row + c] += scale * ds * krow[c] as f64;
+                        dk[kv_base + j * d + c] += sc * ds * qrow[c] as f64;
+                        dq[row + c] += sc * ds * krow[c] as f64;
                     }
                 }
             }
         }
     }
     Ok(Gradients { dq, dk, dv })
+}
+
+/// What the backward needs of query row `i` of batch element `b` and head `h` from the f64
+/// forward: (LSE, D = rowsum(dO ∘ O)); `None` for a row with no allowed key. `t` is
+/// `[q, k, v, d_o]`.
+fn row_stats(
+    shape: &Shape,
+    [q, k, v, d_o]: [&[f32]; 4],
+    mask: Option<&Mask>,
+    scale: f32,
+    b: usize,
+    h: usize,
+    i: usize,
+) -> Option<(f64, f64)> {
+    let (o, lse) = attention_row(shape, q, k, v, mask, scale, b, h, i);
+    if lse == f64::NEG_INFINITY {
+        return None;
+    }
+    let d = shape.head_dim;
+    let dorow = &d_o[((b * shape.heads + h) * shape.seq_q + i) * d..][..d];
+    Some((lse, dorow.iter().zip(&o).map(|(&g, &o)| g as f64 * o).sum()))
+}
+
+/// P and dS = P·(dO·v − D) of one allowed (query, key) pair, given the row's (LSE, D).
+fn pair_grad(
+    qrow: &[f32],
+    krow: &[f32],
+    vrow: &[f32],
+    dorow: &[f32],
+    scale: f64,
+    (lse, delta): (f64, f64),
+) -> (f64, f64) {
+    let dot =
+        |a: &[f32], b: &[f32]| -> f64 { a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum() };
+    let p = (dot(qrow, krow) * scale - lse).exp();
+    (p, p * (dot(dorow, vrow) - delta))
+}
+
+/// What [`sampled_gradient_errors`] checks, for reports.
+pub const SAMPLED_GRADIENT_CHECK: &str = "dQ on sampled query rows of every head, dK and dV on \
+     sampled keys of the last batch element's last key/value head, against the f64 reference";
+
+/// Relative L2 errors `[dQ, dK, dV]` of GPU gradients `got` (of the loss `sum(O ∘ dO)`, for the
+/// arguments of [`attention_backward`]) against the f64 reference on samples: a cheap check of
+/// big runs, exact on what it samples.
+///
+/// dQ is checked on `samples` query rows spread over the batch, heads and sequence (each costs
+/// one reference row). dK and dV are checked on `samples` keys spread over the sequence of the
+/// last batch element's last key/value head: each sums over every query row that sees it, so
+/// the reference forward of those rows (at most the whole head group's) runs on every core.
+/// Each error is the relative L2 error over the sampled rows together, NaN when any element of
+/// that gradient is not finite (an element the kernels never wrote, if the buffers were
+/// poisoned with NaN).
+#[allow(clippy::too_many_arguments)]
+pub fn sampled_gradient_errors(
+    shape: &Shape,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    mask: Option<&Mask>,
+    scale: Option<f32>,
+    d_o: &[f32],
+    got: &Gradients<f32>,
+    samples: usize,
+) -> [f64; 3] {
+    let scale = scale.unwrap_or(shape.default_scale());
+    let sc = scale as f64;
+    let (d, g) = (shape.head_dim, shape.group());
+    let t = [q, k, v, d_o];
+    // Rows (or keys) at an odd stride, which visits many positions inside their tiles.
+    let spread = |n: usize| (0..n).step_by((n / samples.max(1)).max(1) | 1);
+    // Sums of squared differences and of squared reference values.
+    let mut sums = [(0.0f64, 0.0f64); 3];
+    let mut add = |which: usize, got: &[f32], want: &[f64]| {
+        for (&a, &w) in got.iter().zip(want) {
+            sums[which].0 += (a as f64 - w).powi(2);
+            sums[which].1 += w * w;
+        }
+    };
+    // dQ: one reference row each.
+    for r in spread(shape.batch * shape.heads * shape.seq_q) {
+        let (bh, i) = (r / shape.seq_q, r % shape.seq_q);
+        let (b, h) = (bh / shape.heads, bh % shape.heads);
+        let kv_base = (b * shape.kv_heads + h / g) * shape.seq_k * d;
+        let mut want = vec![0.0f64; d];
+        if let Some(stats) = row_stats(shape, t, mask, scale, b, h, i) {
+            let (qrow, dorow) = (&q[r * d..][..d], &d_o[r * d..][..d]);
+            for j in 0..shape.seq_k {
+                if mask.is_some_and(|m| !m.get(b, i, j)) {
+                    continue;
+                }
+                let krow = &k[kv_base + j * d..][..d];
+                let (_, ds) = pair_grad(qrow, krow, &v[kv_base + j * d..][..d], dorow, sc, stats);
+                for (w, &kc) in want.iter_mut().zip(krow) {
+                    *w += sc * ds * kc as f64;
+                }
+            }
+        }
+        add(0, &got.dq[r * d..][..d], &want);
+    }
+    // dK, dV: the sampled keys of the last (batch element, key/value head), from the reference
+    // statistics of the rows of its query heads that see any of them.
+    let (b, hk) = (shape.batch - 1, shape.kv_heads - 1);
+    let keys: Vec<usize> = spread(shape.seq_k).collect();
+    let rows: Vec<(usize, usize)> = (hk * g..(hk + 1) * g)
+        .flat_map(|h| (0..shape.seq_q).map(move |i| (h, i)))
+        .filter(|&(_, i)| mask.is_none_or(|m| keys.iter().any(|&j| m.get(b, i, j))))
+        .collect();
+    let stats = par_map(&rows, |&(h, i)| row_stats(shape, t, mask, scale, b, h, i));
+    let kv_base = (b * shape.kv_heads + hk) * shape.seq_k * d;
+    for &j in &keys {
+        let (krow, vrow) = (&k[kv_base + j * d..][..d], &v[kv_base + j * d..][..d]);
+        let (mut dk, mut dv) = (vec![0.0f64; d], vec![0.0f64; d]);
+        for (&(h, i), st) in rows.iter().zip(&stats) {
+            let Some(st) = *st else { continue };
+            if mask.is_some_and(|m| !m.get(b, i, j)) {
+                continue;
+            }
+            let row = ((b * shape.heads + h) * shape.seq_q + i) * d;
+            let (qrow, dorow) = (&q[row..][..d], &d_o[row..][..d]);
+            let (p, ds) = pair_grad(qrow, krow, vrow, dorow, sc, st);
+            for c in 0..d {
+                dk[c] += sc * ds * qrow[c] as f64;
+                dv[c] += p * dorow[c] as f64;
+            }
+        }
+        add(1, &got.dk[kv_base + j * d..][..d], &dk);
+        add(2, &got.dv[kv_base + j * d..][..d], &dv);
+    }
+    let tensors = [&got.dq, &got.dk, &got.dv];
+    std::array::from_fn(|x| {
+        let (num, den) = sums[x];
+        if tensors[x].iter().any(|e| !e.is_finite()) {
+            f64::NAN
+        } else if den == 0.0 {
+            num.sqrt()
+        } else {
+            (num / den).sqrt()
+        }
+    })
+}
+
+/// `f` over `items` in order, spread over the available cores (on one thread where there is
+/// one, as in the browser).
+fn par_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if threads <= 1 || items.len() < 2 {
+        return items.iter().map(f).collect();
+    }
+    let f = &f;
+    std::thread::scope(|s| {
+        let parts: Vec<_> = items
+            .chunks(items.len().div_ceil(threads))
+            .map(|part| s.spawn(move || part.iter().map(f).collect::<Vec<R>>()))
+            .collect();
+        parts
+            .into_iter()
+            .flat_map(|p| p.join().expect("a reference thread panicked"))
+            .collect()
+    })
 }

@@ -1,5 +1,6 @@
 //! The benchmark suite: the mask families of real workloads at a given length, and one timed,
-//! verified run of a case (masked plan against the dense plan on the same inputs).
+//! verified run of a case (masked plan against the dense plan on the same inputs), forward
+//! ([`run_case`]) or forward + backward ([`run_backward_case`]).
 
 use std::time::Instant;
 
@@ -8,9 +9,9 @@ use crate::gpu::Gpu;
 use crate::kernel::Path;
 use crate::mask::{complete_tree_parents, Mask, SplitMix64};
 use crate::plan::{Plan, PlanOptions};
-use crate::reference::sampled_error;
+use crate::reference::{sampled_error, sampled_gradient_errors};
 use crate::shape::Shape;
-use crate::timing::{median_ms, Clock, Resident};
+use crate::timing::{median_fwd_bwd_ms, median_ms, Clock, FwdBwdMs, Resident};
 
 /// Names of the suite's mask families, in the order they run.
 pub const FAMILIES: [&str; 8] = [
@@ -98,15 +99,17 @@ pub struct CaseResult {
     pub path: Path,
     /// Tile shape of the masked plan.
     pub tile: (usize, usize),
-    /// Median ms of the dense plan on the same inputs: every tile computed, no mask read.
+    /// Median ms of the dense plan on the same inputs: every tile computed, no mask read
+    /// (forward + backward in a [`run_backward_case`]).
     pub ms_dense: f64,
-    /// Median ms of the masked plan.
+    /// Median ms of the masked plan (forward + backward in a [`run_backward_case`]).
     pub ms_masked: f64,
     /// ms_dense / ms_masked.
     pub speedup: f64,
     /// 1 / active_tiles.
     pub ideal_speedup: f64,
-    /// Useful TFLOP/s of the masked plan (FLOPs of the active tiles only).
+    /// Useful TFLOP/s of the masked plan: FLOPs of the active tiles only, 2 matmuls forward and
+    /// 5 more backward.
     pub tflops: f64,
     /// Largest relative L2 error of sampled output rows against the f64 reference.
     pub max_rel_error: f64,
@@ -116,6 +119,32 @@ pub struct CaseResult {
     pub clock: Clock,
     /// The kernel tier of the masked plan.
     pub tier: crate::gpu::Tier,
+    /// The forward parts and gradient errors of a forward + backward case; `None` for a
+    /// forward case.
+    pub backward: Option<BackwardResult>,
+}
+
+impl CaseResult {
+    /// What was timed: "fwd" (the forward pass) or "fwd+bwd" (forward then backward).
+    pub fn pass(&self) -> &'static str {
+        if self.backward.is_some() {
+            "fwd+bwd"
+        } else {
+            "fwd"
+        }
+    }
+}
+
+/// What a forward + backward case adds to a [`CaseResult`].
+#[derive(Clone, Debug)]
+pub struct BackwardResult {
+    /// The dense plan's times (shared by the cases of one run: see [`run_backward_case`]).
+    pub dense: FwdBwdMs,
+    /// Median ms of the masked plan's forward pass within the forward + backward runs.
+    pub ms_fwd_masked: f64,
+    /// Relative L2 errors of dQ, dK and dV against the f64 reference on samples
+    /// ([`sampled_gradient_errors`]).
+    pub grad_errors: [f64; 3],
 }
 
 /// How a case is measured.
@@ -123,11 +152,15 @@ pub struct CaseResult {
 pub struct Measure {
     /// Timed runs after a warm-up of two (the median is reported).
     pub repeats: usize,
-    /// Output rows checked against the f64 reference.
+    /// Output rows checked against the f64 reference (and, forward + backward, dQ rows and
+    /// dK/dV keys).
     pub samples: usize,
     /// Seed of the random inputs.
     pub seed: u64,
 }
+
+/// Warm-up runs before the timed ones.
+const WARMUP: usize = 2;
 
 /// Runs one case: the dense plan (every tile, no mask) and the masked plan on the same random
 /// inputs, timed, with the masked output checked on `samples` rows.
@@ -139,30 +172,177 @@ pub fn run_case(
     options: &PlanOptions,
     measure: Measure,
 ) -> Result<CaseResult> {
-    let Measure {
-        repeats,
-        samples,
-        seed,
-    } = measure;
-    let mut rng = SplitMix64::new(seed);
-    let mut rand = |n: usize| -> Vec<f32> {
-        (0..n)
-            .map(|_| (rng.next_f64() * 2.0 - 1.0) as f32)
-            .collect()
-    };
-    // Inputs rounded to the storage type, so that the reference sees what the GPU sees.
-    let e = options.dtype;
-    let mut rand_stored = |n: usize| e.decode(&e.encode(&rand(n)), n);
-    let (q, k, v) = (
-        rand_stored(shape.q_len()),
-        rand_stored(shape.kv_len()),
-        rand_stored(shape.kv_len()),
+    let Case {
+        q,
+        k,
+        v,
+        masked,
+        ms_plan,
+        ..
+    } = Case::new(gpu, shape, mask, options, measure.seed, false)?;
+    let buffers = Resident::new(gpu, &masked, &q, &k, &v)?;
+    let (ms_dense, _) = median_ms(
+        gpu,
+        &dense_plan(gpu, shape, options)?,
+        &buffers,
+        WARMUP,
+        measure.repeats,
+    )?;
+    let (ms_masked, clock) = median_ms(gpu, &masked, &buffers, WARMUP, measure.repeats)?;
+    buffers.poison(gpu);
+    let out = buffers.run_and_read(gpu, &masked)?;
+    let max_rel_error = sampled_error(
+        &shape,
+        &q,
+        &k,
+        &v,
+        Some(mask),
+        options.scale,
+        &out,
+        measure.samples,
     );
-    let t0 = Instant::now();
-    let masked = Plan::new(gpu, shape, Some(mask), options.clone())?;
-    let ms_plan = t0.elapsed().as_secs_f64() * 1e3;
-    // The baseline computes every tile and reads no mask: what FlashAttention does.
-    let dense = Plan::new(
+    Ok(case_result(
+        name,
+        &masked,
+        [ms_dense, ms_masked],
+        max_rel_error,
+        ms_plan,
+        clock,
+        None,
+    ))
+}
+
+/// Runs one forward + backward case: like [`run_case`], timing forward then backward of each
+/// plan ([`median_fwd_bwd_ms`]) with a random upstream gradient dO, and checking the masked
+/// plan's output and gradients on samples ([`sampled_gradient_errors`]).
+///
+/// The dense plan does not depend on the mask, and every case of one shape, options and seed
+/// has the same inputs: `dense` passes its times from an earlier case (`None` measures them).
+pub fn run_backward_case(
+    gpu: &Gpu,
+    name: &str,
+    shape: Shape,
+    mask: &Mask,
+    options: &PlanOptions,
+    measure: Measure,
+    dense: Option<FwdBwdMs>,
+) -> Result<CaseResult> {
+    let Case {
+        q,
+        k,
+        v,
+        d_o,
+        masked,
+        ms_plan,
+    } = Case::new(gpu, shape, mask, options, measure.seed, true)?;
+    let buffers = Resident::with_gradient(gpu, &masked, &q, &k, &v, &d_o)?;
+    let dense = match dense {
+        Some(t) => t,
+        None => median_fwd_bwd_ms(
+            gpu,
+            &dense_plan(gpu, shape, options)?,
+            &buffers,
+            WARMUP,
+            measure.repeats,
+        )?,
+    };
+    let t = median_fwd_bwd_ms(gpu, &masked, &buffers, WARMUP, measure.repeats)?;
+    buffers.poison(gpu);
+    let (out, grads) = buffers.run_backward_and_read(gpu, &masked)?;
+    let max_rel_error = sampled_error(
+        &shape,
+        &q,
+        &k,
+        &v,
+        Some(mask),
+        options.scale,
+        &out,
+        measure.samples,
+    );
+    let grad_errors = sampled_gradient_errors(
+        &shape,
+        &q,
+        &k,
+        &v,
+        Some(mask),
+        options.scale,
+        &d_o,
+        &grads,
+        measure.samples,
+    );
+    Ok(case_result(
+        name,
+        &masked,
+        [dense.fwd_bwd, t.fwd_bwd],
+        max_rel_error,
+        ms_plan,
+        t.clock,
+        Some(BackwardResult {
+            dense,
+            ms_fwd_masked: t.fwd,
+            grad_errors,
+        }),
+    ))
+}
+
+/// The inputs and the masked plan of a case.
+struct Case {
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    /// The upstream gradient (empty for a forward case).
+    d_o: Vec<f32>,
+    masked: Plan,
+    /// ms to build the masked plan.
+    ms_plan: f64,
+}
+
+impl Case {
+    /// Random inputs from `seed`, rounded to the storage type so that the reference sees what
+    /// the GPU sees (Q, K, V, then dO when `with_gradient`), and the masked plan.
+    fn new(
+        gpu: &Gpu,
+        shape: Shape,
+        mask: &Mask,
+        options: &PlanOptions,
+        seed: u64,
+        with_gradient: bool,
+    ) -> Result<Case> {
+        let mut rng = SplitMix64::new(seed);
+        let e = options.dtype;
+        let mut rand_stored = |n: usize| {
+            let x: Vec<f32> = (0..n)
+                .map(|_| (rng.next_f64() * 2.0 - 1.0) as f32)
+                .collect();
+            e.decode(&e.encode(&x), n)
+        };
+        let (q, k, v) = (
+            rand_stored(shape.q_len()),
+            rand_stored(shape.kv_len()),
+            rand_stored(shape.kv_len()),
+        );
+        let d_o = if with_gradient {
+            rand_stored(shape.q_len())
+        } else {
+            Vec::new()
+        };
+        let t0 = Instant::now();
+        let masked = Plan::new(gpu, shape, Some(mask), options.clone())?;
+        let ms_plan = t0.elapsed().as_secs_f64() * 1e3;
+        Ok(Case {
+            q,
+            k,
+            v,
+            d_o,
+            masked,
+            ms_plan,
+        })
+    }
+}
+
+/// The baseline: every tile computed and no mask read, which is what FlashAttention does.
+fn dense_plan(gpu: &Gpu, shape: Shape, options: &PlanOptions) -> Result<Plan> {
+    Plan::new(
         gpu,
         shape,
         None,
@@ -170,17 +350,25 @@ pub fn run_case(
             path: Some(Path::Dense),
             ..options.clone()
         },
-    )?;
-    let buffers = Resident::new(gpu, &masked, &q, &k, &v)?;
-    let warmup = 2;
-    let (ms_dense, _) = median_ms(gpu, &dense, &buffers, warmup, repeats)?;
-    let (ms_masked, clock) = median_ms(gpu, &masked, &buffers, warmup, repeats)?;
-    buffers.poison(gpu);
-    let out = buffers.run_and_read(gpu, &masked)?;
-    let max_rel_error = sampled_error(&shape, &q, &k, &v, Some(mask), options.scale, &out, samples);
+    )
+}
+
+/// A case's result from its masked plan and measurements (`[ms_dense, ms_masked]`).
+fn case_result(
+    name: &str,
+    masked: &Plan,
+    [ms_dense, ms_masked]: [f64; 2],
+    max_rel_error: f64,
+    ms_plan: f64,
+    clock: Clock,
+    backward: Option<BackwardResult>,
+) -> CaseResult {
+    let shape = masked.shape();
     let bm = masked.block_mask().expect("a masked plan has a block mask");
     let active = bm.active_fraction();
-    Ok(CaseResult {
+    // Forward: Q·Kᵀ and P·V; backward adds dV, dP, dS·K, dSᵀ·Q and the recomputed Q·Kᵀ.
+    let matmuls = if backward.is_some() { 7.0 } else { 2.0 };
+    CaseResult {
         mask: name.to_string(),
         shape,
         active_tiles: active,
@@ -190,10 +378,11 @@ pub fn run_case(
         ms_masked,
         speedup: ms_dense / ms_masked,
         ideal_speedup: 1.0 / active.max(1e-9),
-        tflops: shape.dense_flops() * active / (ms_masked * 1e-3) / 1e12,
+        tflops: shape.dense_flops() / 2.0 * matmuls * active / (ms_masked * 1e-3) / 1e12,
         max_rel_error,
         ms_plan,
         clock,
         tier: masked.tier(),
-    })
+        backward,
+    }
 }

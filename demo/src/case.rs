@@ -26,6 +26,7 @@ fn tolerance(dtype: DType) -> f64 {
     match dtype {
         DType::F32 => 1e-4,
         DType::F16 => 5e-3,
+        DType::BF16 => 1e-2,
     }
 }
 

@@ -1,13 +1,14 @@
 //! `blockflash bench` and the main job: masked against dense attention over mask kinds, timed
-//! (medians after a warm-up of two), verified on sampled rows, printed as a markdown table and
-//! optionally written as JSON lines.
+//! (medians after a warm-up of two), forward or (`--backward`) forward + backward, verified on
+//! sampled rows, printed as a markdown table and optionally written as JSON lines.
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::PathBuf;
 
 use blockflash::kernel::DType;
-use blockflash::suite::{run_case, CaseResult, Measure, FAMILIES};
+use blockflash::reference::SAMPLED_GRADIENT_CHECK;
+use blockflash::suite::{run_backward_case, run_case, CaseResult, Measure, FAMILIES};
 use blockflash::timing::Clock;
 use blockflash::{Error, Gpu, PlanOptions, Result, Shape};
 use clap::{Args, Parser};
@@ -21,6 +22,7 @@ fn tolerance(dtype: DType) -> f64 {
     match dtype {
         DType::F32 => 1e-4,
         DType::F16 => 5e-3,
+        DType::BF16 => 1e-2,
     }
 }
 
@@ -46,11 +48,11 @@ pub struct BenchArgs {
     #[arg(long, value_name = "D", default_value_t = 64)]
     pub head_dim: usize,
     /// Storage precision of the kernel; auto is f16 on a GPU with SHADER_F16 and f32 on a CPU
-    /// adapter. f16 runs the portable f16 kernel; tensor cores only with --tier tensor-core-f16.
+    /// adapter. f16 runs on tensor cores where the adapter offers them, else the portable kernel.
     #[arg(long, value_enum, default_value_t)]
     pub precision: Precision,
-    /// Kernel tier of both plans; auto takes the precision's (portable-f32 or portable-f16). A
-    /// forced tier sets the precision when that is auto and must agree with it otherwise.
+    /// Kernel tier of both plans; auto takes the precision's (see --precision). A forced tier
+    /// sets the precision when that is auto and must agree with it otherwise.
     #[arg(long, value_enum, default_value_t)]
     pub tier: TierArg,
     /// Dispatch path of the masked plan (the baseline is always the dense plan without a mask).
@@ -62,9 +64,14 @@ pub struct BenchArgs {
     /// Timed runs per plan after two warm-up runs; the median is reported.
     #[arg(long, value_name = "K", default_value_t = 5)]
     pub repeat: usize,
-    /// Output rows checked against the f64 CPU reference per case.
+    /// Output rows checked against the f64 CPU reference per case (with --backward also dQ
+    /// rows, and dK/dV keys).
     #[arg(long, value_name = "ROWS", default_value_t = 64)]
     pub samples: usize,
+    /// Time forward then backward (dQ, dK, dV) of both plans instead of the forward pass, and
+    /// check the gradients too. The dense plan is timed once and shared by every mask.
+    #[arg(long)]
+    pub backward: bool,
     /// Write one JSON object per case to FILE (JSON lines), as each case finishes.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
@@ -87,15 +94,21 @@ impl BenchArgs {
 /// Seed of the random Q, K, V.
 const INPUT_SEED: u64 = 11;
 
-/// Prints a markdown table of suite results.
+/// Prints a markdown table of suite results; forward + backward rows add the forward parts'
+/// times and the gradients' errors.
 fn print_table(rows: &[CaseResult]) {
-    println!(
-        "| mask | active | path | tile | dense ms | masked ms | speedup | ideal | TFLOP/s | max err |"
-    );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    let backward = rows.iter().any(|r| r.backward.is_some());
+    let mut head = "| pass | mask | active | path | tile | dense ms | masked ms | speedup | ideal \
+                    | TFLOP/s | max err |"
+        .to_string();
+    if backward {
+        head += " fwd dense ms | fwd masked ms | dQ err | dK err | dV err |";
+    }
+    println!("{head}\n|{}", "---|".repeat(head.matches(" |").count()));
     for r in rows {
-        println!(
-            "| {} | {:.3} | {} | {}x{} | {:.3} | {:.3} | {:.2}x | {:.2}x | {:.3} | {:.1e} |",
+        let mut line = format!(
+            "| {} | {} | {:.3} | {} | {}x{} | {:.3} | {:.3} | {:.2}x | {:.2}x | {:.3} | {:.1e} |",
+            r.pass(),
             r.mask,
             r.active_tiles,
             r.path,
@@ -108,6 +121,14 @@ fn print_table(rows: &[CaseResult]) {
             r.tflops,
             r.max_rel_error
         );
+        if let Some(b) = &r.backward {
+            let [dq, dk, dv] = b.grad_errors;
+            line += &format!(
+                " {:.3} | {:.3} | {dq:.1e} | {dk:.1e} | {dv:.1e} |",
+                b.dense.fwd, b.ms_fwd_masked
+            );
+        }
+        println!("{line}");
     }
 }
 
@@ -115,7 +136,8 @@ fn print_table(rows: &[CaseResult]) {
 fn json_row(gpu: &Gpu, r: &CaseResult) -> serde_json::Value {
     let s = r.shape;
     let info = gpu.adapter_info();
-    json!({
+    let mut row = json!({
+        "pass": r.pass(),
         "mask": r.mask,
         "seq": s.seq_q,
         "batch": s.batch,
@@ -141,7 +163,22 @@ fn json_row(gpu: &Gpu, r: &CaseResult) -> serde_json::Value {
         "adapter": info.name,
         "backend": format!("{:?}", info.backend),
         "driver": format!("{} {}", info.driver, info.driver_info).trim().to_string(),
-    })
+    });
+    if let Some(b) = &r.backward {
+        let [dq, dk, dv] = b.grad_errors;
+        let extra = json!({
+            "ms_fwd_dense": b.dense.fwd,
+            "ms_fwd_masked": b.ms_fwd_masked,
+            "max_rel_error_dq": dq,
+            "max_rel_error_dk": dk,
+            "max_rel_error_dv": dv,
+            "grad_check": SAMPLED_GRADIENT_CHECK,
+        });
+        if let (Some(row), serde_json::Value::Object(extra)) = (row.as_object_mut(), extra) {
+            row.extend(extra);
+        }
+    }
+    row
 }
 
 /// Runs `blockflash bench` (and, with default arguments, the main job).
@@ -191,7 +228,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         seed: INPUT_SEED,
     };
     eprintln!(
-        "blockflash on {} ({:?}), tier {}: B={} H={} Hkv={} N={seq} d={}, {} timed runs",
+        "blockflash on {} ({:?}), tier {}: B={} H={} Hkv={} N={seq} d={}, {}, {} timed runs",
         gpu.adapter_info().name,
         gpu.adapter_info().backend,
         match tier {
@@ -202,14 +239,28 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         shape.heads,
         shape.kv_heads,
         shape.head_dim,
+        if args.backward {
+            "forward + backward"
+        } else {
+            "forward"
+        },
         measure.repeats,
     );
-    let mut rows = Vec::new();
+    let mut rows: Vec<CaseResult> = Vec::new();
     for (i, kind) in kinds.iter().enumerate() {
         eprint!("[{}/{}] {kind} ...", i + 1, kinds.len());
         std::io::stderr().flush().ok();
         let mask = generate::spec(kind, seq, &args.generator)?.mask()?;
-        let r = run_case(&gpu, kind, shape, &mask, &options, measure)?;
+        let r = if args.backward {
+            // Every case has the same inputs and dense plan: its times are measured once.
+            let dense = rows
+                .first()
+                .and_then(|r| r.backward.as_ref())
+                .map(|b| b.dense);
+            run_backward_case(&gpu, kind, shape, &mask, &options, measure, dense)?
+        } else {
+            run_case(&gpu, kind, shape, &mask, &options, measure)?
+        };
         eprintln!(
             " dense {:.3} ms, masked {:.3} ms ({:.2}x)",
             r.ms_dense, r.ms_masked, r.speedup
@@ -223,7 +274,11 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     }
     print_table(&rows);
     // NaN (an unwritten or poisoned element) fails too.
-    let worst = rows.iter().map(|r| r.max_rel_error).fold(0.0, |a: f64, e| {
+    let errors = rows.iter().flat_map(|r| {
+        let grads = r.backward.as_ref().map(|b| b.grad_errors);
+        std::iter::once(r.max_rel_error).chain(grads.into_iter().flatten())
+    });
+    let worst = errors.fold(0.0, |a: f64, e| {
         if a.is_nan() || e.is_nan() {
             f64::NAN
         } else {

@@ -121,7 +121,7 @@ impl Tensor {
             Dtype::F16 => Ok(halves(|b| half::f16::from_bits(b).to_f32())),
             Dtype::BF16 => Ok(halves(|b| half::bf16::from_bits(b).to_f32())),
             other => Err(Error::Io(format!(
-                "{} ({what}): expected float32 or float16, got {}",
+                "{} ({what}): expected float32, float16 or bfloat16, got {}",
                 self.source,
                 other.name()
             ))),

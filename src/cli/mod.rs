@@ -48,9 +48,11 @@ pub enum Precision {
     Auto,
     /// f32 storage: the portable f32 kernel, on every adapter.
     F32,
-    /// f16 storage: the portable f16 kernel (f32 arithmetic) by default; tensor cores only with
-    /// `--tier tensor-core-f16`. An error on adapters without SHADER_F16.
+    /// f16 storage: tensor cores where the adapter has cooperative matrices (head dim up to 128),
+    /// else the portable f16 kernel (f32 arithmetic). An error on adapters without SHADER_F16.
     F16,
+    /// bf16 storage: the portable bf16 kernel (f32 arithmetic), on every adapter.
+    Bf16,
 }
 
 impl Precision {
@@ -60,6 +62,7 @@ impl Precision {
             Precision::Auto => auto,
             Precision::F32 => DType::F32,
             Precision::F16 => DType::F16,
+            Precision::Bf16 => DType::BF16,
         }
     }
 }
@@ -67,13 +70,16 @@ impl Precision {
 /// `--tier`: which kernel tier runs, overriding the one the storage precision picks.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
 pub enum TierArg {
-    /// The tier of the precision: portable-f32 for f32, portable-f16 for f16.
+    /// The tier of the precision: portable-f32 for f32, tensor-core-f16 (where offered) or
+    /// portable-f16 for f16, portable-bf16 for bf16.
     #[default]
     Auto,
     /// f32 storage and arithmetic, on every adapter.
     PortableF32,
     /// f16 storage, f32 arithmetic (SHADER_F16).
     PortableF16,
+    /// bf16 storage, f32 arithmetic, on every adapter.
+    PortableBf16,
     /// f16 storage, Q·Kᵀ and P·V on tensor cores through cooperative matrices (16x16x16).
     #[value(alias = "tensor-core")]
     TensorCoreF16,
@@ -86,6 +92,7 @@ impl TierArg {
             TierArg::Auto => None,
             TierArg::PortableF32 => Some(Tier::PortableF32),
             TierArg::PortableF16 => Some(Tier::PortableF16),
+            TierArg::PortableBf16 => Some(Tier::PortableBf16),
             TierArg::TensorCoreF16 => Some(Tier::TensorCore),
         }
     }

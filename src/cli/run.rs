@@ -15,8 +15,9 @@ use super::{parse_tile, PathArg, Precision, TierArg};
 /// Arguments of `blockflash run`.
 #[derive(Args, Debug)]
 pub struct RunArgs {
-    /// Queries Q [B, H, Nq, d], float32 or float16: .npy, or .safetensors (its only tensor, or
-    /// the one named "q"; likewise "k", "v", "mask" for the others).
+    /// Queries Q [B, H, Nq, d], float32 or float16 (.safetensors also bfloat16): .npy, or
+    /// .safetensors (its only tensor, or the one named "q"; likewise "k", "v", "mask" for the
+    /// others).
     #[arg(long, value_name = "FILE", required_unless_present = "inputs", requires_all = ["k", "v"])]
     pub q: Option<PathBuf>,
     /// Keys K [B, Hkv, Nk, d]; Hkv divides H (grouped-query attention).
@@ -60,11 +61,12 @@ pub struct RunArgs {
     /// run-length eligible is an error.
     #[arg(long, value_enum, default_value_t)]
     pub path: PathArg,
-    /// Storage precision of the kernel; auto runs f16 when Q, K and V are all float16 files and
-    /// the adapter has an f16 tier, else f32.
+    /// Storage precision of the kernel; auto runs f16 when Q, K and V are all float16 and the
+    /// adapter has an f16 tier, bf16 when they are all bfloat16, else f32. Output files are
+    /// float32 whatever the precision.
     #[arg(long, value_enum, default_value_t)]
     pub precision: Precision,
-    /// Kernel tier; auto takes the precision's (portable-f32 or portable-f16). A forced tier
+    /// Kernel tier; auto takes the precision's (portable-f32, -f16 or -bf16). A forced tier
     /// sets the precision when that is auto and must agree with it otherwise.
     #[arg(long, value_enum, default_value_t)]
     pub tier: TierArg,
@@ -76,8 +78,8 @@ pub struct RunArgs {
 /// Q, K, V (as f32) and the mask of one run, with the shape they make.
 struct Inputs {
     shape: Shape,
-    /// Whether Q, K and V were all stored as float16.
-    all_f16: bool,
+    /// The element type Q, K and V share in their files, if they share one.
+    stored: Option<io::Dtype>,
     q: Vec<f32>,
     k: Vec<f32>,
     v: Vec<f32>,
@@ -162,7 +164,10 @@ fn load(args: &RunArgs) -> Result<Inputs> {
     let shape = shape_of(&q, &k, &v)?;
     Ok(Inputs {
         shape,
-        all_f16: [&q, &k, &v].iter().all(|t| t.dtype == io::Dtype::F16),
+        stored: [&k, &v]
+            .iter()
+            .all(|t| t.dtype == q.dtype)
+            .then_some(q.dtype),
         q: q.to_f32("q")?,
         k: k.to_f32("k")?,
         v: v.to_f32("v")?,
@@ -215,8 +220,12 @@ pub fn run(args: &RunArgs) -> Result<()> {
         None => None,
     };
     let gpu = Gpu::new()?;
-    let f16_inputs = inputs.all_f16 && gpu.tier_for(DType::F16).is_ok();
-    let auto = if f16_inputs { DType::F16 } else { DType::F32 };
+    // Inputs stored at half precision run at it (f16 where the adapter has an f16 tier).
+    let auto = match inputs.stored {
+        Some(io::Dtype::F16) if gpu.tier_for(DType::F16).is_ok() => DType::F16,
+        Some(io::Dtype::BF16) => DType::BF16,
+        _ => DType::F32,
+    };
     let (dtype, tier) = args.tier.resolve(args.precision, auto)?;
     let options = PlanOptions {
         dtype,

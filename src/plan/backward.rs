@@ -256,6 +256,18 @@ impl Plan {
         encoder: &mut wgpu::CommandEncoder,
         t: &BackwardTensors,
     ) -> Result<()> {
+        self.encode_backward_timed(encoder, t, None)
+    }
+
+    /// Like [`Plan::encode_backward`], writing GPU timestamps at the start and end of the pass
+    /// (its three dispatches) into `timestamps` (query set, first index) when given, as
+    /// [`Plan::encode_timed`] does for the forward pass.
+    pub fn encode_backward_timed(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        t: &BackwardTensors,
+        timestamps: Option<(&wgpu::QuerySet, u32)>,
+    ) -> Result<()> {
         let state = self.backward_state()?;
         self.check_single_chunk()?;
         let s = &self.shape;
@@ -272,7 +284,7 @@ impl Plan {
             ("dk buffer", t.dk, kv_bytes),
             ("dv buffer", t.dv, kv_bytes),
         ])?;
-        self.encode_backward_chunk(encoder, state, 0, t)
+        self.encode_backward_chunk(encoder, state, 0, t, timestamps)
     }
 
     fn encode_backward_chunk(
@@ -281,6 +293,7 @@ impl Plan {
         state: &Backward,
         i: usize,
         t: &BackwardTensors,
+        timestamps: Option<(&wgpu::QuerySet, u32)>,
     ) -> Result<()> {
         let (chunk, bc): (&Chunk, &BackwardChunk) = (&self.chunks[i], &state.chunks[i]);
         let device = self.gpu.device();
@@ -303,7 +316,11 @@ impl Plan {
         };
         let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
             label: Some("blockflash backward"),
-            timestamp_writes: None,
+            timestamp_writes: timestamps.map(|(qs, i)| wgpu::ComputePassTimestampWrites {
+                query_set: qs,
+                beginning_of_pass_write_index: Some(i),
+                end_of_pass_write_index: Some(i + 1),
+            }),
         });
         // Each pass has its own layout with only the bindings its entry point uses.
         let passes: [(BackwardPass, &[u32], [u32; 3]); 3] = [
@@ -504,7 +521,7 @@ impl Plan {
             dk: &dk,
             dv: &dv,
         };
-        self.encode_backward_chunk(&mut encoder, state, i, &t)?;
+        self.encode_backward_chunk(&mut encoder, state, i, &t, None)?;
         let bytes = crate::readback::read_bytes_async(
             &self.gpu,
             encoder,

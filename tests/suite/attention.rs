@@ -3,8 +3,11 @@
 
 use blockflash::{reference, Error, Mask, Path, Plan, PlanOptions, Shape};
 
+use blockflash::kernel::DType;
+
 use crate::common::{
-    assert_close, check_case, gpu, inputs, rel_l2, run_poisoned, small_binding_gpu, Rng,
+    assert_close, check_case, gpu, inputs, rel_l2, rounded, run_poisoned, small_binding_gpu,
+    tolerance, Rng,
 };
 
 fn dense() -> PlanOptions {
@@ -125,14 +128,26 @@ fn host_form_equals_gpu_resident_form() {
         head_dim: 64,
     };
     let mask = Mask::causal(90, 90).unwrap();
-    let (q, k, v) = inputs(&mut rng, &shape);
-    let plan = Plan::new(gpu(), shape, Some(&mask), PlanOptions::default()).unwrap();
-    let host = plan.run(&q, &k, &v).unwrap();
-    let resident = run_poisoned(&plan, &q, &k, &v);
-    assert_eq!(host.o, resident.o);
-    assert_eq!(host.lse, resident.lse);
-    let want = reference::attention(&shape, &q, &k, &v, Some(&mask), None).unwrap();
-    assert_close("host form", &host, &want, 1e-5);
+    for dtype in [DType::F32, DType::BF16] {
+        let (q, k, v) = inputs(&mut rng, &shape);
+        let (q, k, v) = (rounded(dtype, q), rounded(dtype, k), rounded(dtype, v));
+        let opts = PlanOptions {
+            dtype,
+            ..Default::default()
+        };
+        let plan = Plan::new(gpu(), shape, Some(&mask), opts).unwrap();
+        let host = plan.run(&q, &k, &v).unwrap();
+        let resident = run_poisoned(&plan, &q, &k, &v);
+        assert_eq!(host.o, resident.o);
+        assert_eq!(host.lse, resident.lse);
+        let want = reference::attention(&shape, &q, &k, &v, Some(&mask), None).unwrap();
+        assert_close(
+            &format!("host form {dtype}"),
+            &host,
+            &want,
+            tolerance(dtype),
+        );
+    }
 }
 
 #[test]
@@ -159,12 +174,26 @@ fn inputs_over_the_binding_limit_are_split_over_batch_and_heads() {
             head_dim: 64,
         },
     ] {
-        let (q, k, v) = inputs(&mut rng, &shape);
         let mask = Mask::causal(shape.seq_q, shape.seq_k).unwrap();
+        // bf16 halves the bytes: the second shape still splits over key/value heads.
+        for dtype in [DType::BF16, DType::F32] {
+            let (q, k, v) = inputs(&mut rng, &shape);
+            let (q, k, v) = (rounded(dtype, q), rounded(dtype, k), rounded(dtype, v));
+            let opts = PlanOptions {
+                dtype,
+                ..Default::default()
+            };
+            let plan = Plan::new(&small, shape, Some(&mask), opts).unwrap();
+            assert!(
+                !plan.describe().contains(" 1 dispatch(es)"),
+                "{}",
+                plan.describe()
+            );
+            let out = plan.run(&q, &k, &v).unwrap();
+            let want = reference::attention(&shape, &q, &k, &v, Some(&mask), None).unwrap();
+            assert_close(&format!("split {dtype}"), &out, &want, tolerance(dtype));
+        }
         let plan = Plan::new(&small, shape, Some(&mask), PlanOptions::default()).unwrap();
-        let out = plan.run(&q, &k, &v).unwrap();
-        let want = reference::attention(&shape, &q, &k, &v, Some(&mask), None).unwrap();
-        assert_close("split", &out, &want, 1e-5);
         // The GPU-resident form cannot split caller buffers: it names the limit.
         let dev = small.device();
         let buf = dev.create_buffer(&wgpu::BufferDescriptor {

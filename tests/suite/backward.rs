@@ -5,11 +5,13 @@
 //!
 //! Tolerances: the reference backward matches finite differences within a relative L2 error of
 //! 1e-6 per gradient; GPU gradients with f32 storage match the reference within a relative L2
-//! error of 1e-4 per gradient (5e-3 with f16 storage, on inputs rounded to f16). GPU outputs are
+//! error of 1e-4 per gradient (5e-3 with f16 storage, 1e-2 with bf16 storage, on inputs rounded
+//! to the storage type). GPU outputs are
 //! poisoned with NaN before every run, so an element the kernels never write fails the check.
 
 use blockflash::kernel::DType;
 use blockflash::suite::{family_mask, FAMILIES};
+use blockflash::timing::{median_fwd_bwd_ms, Clock, Resident};
 use blockflash::{
     reference, BackwardTensors, Error, Gradients, Mask, Path, Plan, PlanOptions, Reorder, Shape,
 };
@@ -23,6 +25,8 @@ use crate::common::{
 const TOL_F32: f64 = 1e-4;
 /// Relative L2 error allowed per gradient with f16 storage.
 const TOL_F16: f64 = 5e-3;
+/// Relative L2 error allowed per gradient with bf16 storage (about 2e-3 measured).
+const TOL_BF16: f64 = 1e-2;
 
 /// `sum(O ∘ dO)` of the f64 reference forward: the loss whose gradients the backward computes.
 fn loss(shape: &Shape, q: &[f32], k: &[f32], v: &[f32], mask: Option<&Mask>, d_o: &[f32]) -> f64 {
@@ -204,6 +208,7 @@ fn check_backward(
     let tol = match e {
         DType::F32 => TOL_F32,
         DType::F16 => TOL_F16,
+        DType::BF16 => TOL_BF16,
     };
     assert_grads(
         &format!("{what} ({}, {})", plan.path(), plan.tier()),
@@ -483,4 +488,165 @@ fn f16_storage_gradients_match_reference() {
         };
         check_backward(&format!("f16 {path}"), &mut rng, shape, Some(&mask), opts);
     }
+}
+
+#[test]
+fn sampled_gradient_errors_pass_the_reference_and_catch_wrong_elements() {
+    let mut rng = Rng::fresh("sampled gradient check");
+    let shape = Shape {
+        batch: 2,
+        heads: 4,
+        kv_heads: 2,
+        seq_q: 45,
+        seq_k: 61,
+        head_dim: 32,
+    };
+    // Rows 0..5 see no key; keys 50.. are never seen.
+    let mask = Mask::from_fn(45, 61, |q, k| q >= 5 && k < 50 && k <= q + 10).unwrap();
+    let (q, k, v) = inputs(&mut rng, &shape);
+    let d_o = rng.vec(shape.q_len());
+    let want = reference::attention_backward(&shape, &q, &k, &v, Some(&mask), None, &d_o).unwrap();
+    let exact = Gradients {
+        dq: want.dq.iter().map(|&x| x as f32).collect(),
+        dk: want.dk.iter().map(|&x| x as f32).collect(),
+        dv: want.dv.iter().map(|&x| x as f32).collect(),
+    };
+    let errors = |g: &Gradients<f32>, samples| {
+        reference::sampled_gradient_errors(&shape, &q, &k, &v, Some(&mask), None, &d_o, g, samples)
+    };
+    for samples in [1, 8, 1000] {
+        for (name, e) in ["dq", "dk", "dv"].iter().zip(errors(&exact, samples)) {
+            assert!(e <= 1e-6, "{name} with {samples} samples: {e:e}");
+        }
+    }
+    // Query row 5 (the first that sees keys) of the first head is sampled when every row is;
+    // key 0 of the last key/value head is always sampled.
+    let d = shape.head_dim;
+    let last_head_key0 = (shape.batch * shape.kv_heads - 1) * shape.seq_k * d;
+    let mut wrong = exact.clone();
+    wrong.dq[5 * d] += 1.0;
+    wrong.dk[last_head_key0] += 1.0;
+    wrong.dv[last_head_key0 + 1] -= 1.0;
+    for (name, e) in ["dq", "dk", "dv"].iter().zip(errors(&wrong, 1000)) {
+        assert!(e > 1e-2, "{name}: a wrong element passed ({e:e})");
+    }
+    // A NaN anywhere (an element never written into a poisoned buffer) fails, sampled or not.
+    let mut unwritten = exact.clone();
+    unwritten.dk[0] = f32::NAN;
+    let [dq, dk, dv] = errors(&unwritten, 1);
+    assert!(dq <= 1e-6 && dk.is_nan() && dv <= 1e-6, "{dq} {dk} {dv}");
+}
+
+#[test]
+fn timed_forward_backward_on_resident_buffers_gives_the_gradients() {
+    let mut rng = Rng::fresh("timed backward");
+    let shape = Shape {
+        batch: 1,
+        heads: 2,
+        kv_heads: 1,
+        seq_q: 96,
+        seq_k: 96,
+        head_dim: 32,
+    };
+    let mask = family_mask("documents", 96, rng.next_u64()).unwrap();
+    let (q, k, v) = inputs(&mut rng, &shape);
+    let d_o = rng.vec(shape.q_len());
+    let plan = Plan::new(gpu(), shape, Some(&mask), PlanOptions::default()).unwrap();
+    let forward_only = Resident::new(gpu(), &plan, &q, &k, &v).unwrap();
+    assert!(matches!(
+        median_fwd_bwd_ms(gpu(), &plan, &forward_only, 0, 1),
+        Err(Error::InvalidArgument { .. })
+    ));
+    assert!(matches!(
+        Resident::with_gradient(gpu(), &plan, &q, &k, &v, &d_o[1..]),
+        Err(Error::ShapeMismatch { what: "d_o", .. })
+    ));
+    let buffers = Resident::with_gradient(gpu(), &plan, &q, &k, &v, &d_o).unwrap();
+    let t = median_fwd_bwd_ms(gpu(), &plan, &buffers, 1, 3).unwrap();
+    assert!(t.fwd > 0.0 && t.fwd_bwd > 0.0, "{t:?}");
+    if t.clock == Clock::Timestamps {
+        // The forward pass is the first part of every timed run.
+        assert!(t.fwd <= t.fwd_bwd, "{t:?}");
+    }
+    buffers.poison(gpu());
+    let (o, got) = buffers.run_backward_and_read(gpu(), &plan).unwrap();
+    let fwd = reference::attention(&shape, &q, &k, &v, Some(&mask), None).unwrap();
+    assert!(rel_l2(&o, &fwd.o) <= 1e-5);
+    let want = reference::attention_backward(&shape, &q, &k, &v, Some(&mask), None, &d_o).unwrap();
+    assert_grads("resident", &got, &want, TOL_F32);
+}
+
+#[test]
+fn bf16_storage_gradients_match_reference_with_gqa_per_batch_reordering_and_splits() {
+    let mut rng = Rng::fresh("backward bf16");
+    let bf16 = |opts: PlanOptions| PlanOptions {
+        dtype: DType::BF16,
+        ..opts
+    };
+    let n = 90;
+    let per_batch = Mask::per_batch(vec![
+        Mask::causal(n, n).unwrap(),
+        Mask::documents(&[30, 25, 35], true).unwrap(),
+    ])
+    .unwrap();
+    let gqa = Shape {
+        batch: 2,
+        heads: 4,
+        kv_heads: 2,
+        seq_q: n,
+        seq_k: n,
+        head_dim: 64,
+    };
+    for path in [Path::Dense, Path::RunLength, Path::Sparse] {
+        let opts = bf16(forced(path, Some((16, 32))));
+        let plan = check_backward(
+            &format!("bf16 {path}"),
+            &mut rng,
+            gqa,
+            Some(&per_batch),
+            opts,
+        );
+        assert_eq!(plan.dtype(), DType::BF16);
+    }
+    let band = shuffled_band(&mut rng, n, 5);
+    let rcm = bf16(PlanOptions {
+        reorder: Reorder::On,
+        ..forced(Path::Sparse, Some((16, 32)))
+    });
+    let shared = Shape { batch: 2, ..gqa };
+    check_backward("bf16 rcm", &mut rng, shared, Some(&band), rcm);
+    let split = bf16(PlanOptions {
+        max_tiles_per_workgroup: Some(1),
+        ..forced(Path::Sparse, Some((16, 32)))
+    });
+    let global = Mask::longformer(n, 4, &[0, 1]).unwrap();
+    check_backward("bf16 split-KV", &mut rng, shared, Some(&global), split);
+    // Odd lengths without a mask, head dim 32, the host form.
+    let shape = Shape {
+        batch: 1,
+        heads: 2,
+        kv_heads: 1,
+        seq_q: 37,
+        seq_k: 71,
+        head_dim: 32,
+    };
+    check_backward(
+        "bf16 no mask",
+        &mut rng,
+        shape,
+        None,
+        bf16(PlanOptions::default()),
+    );
+    let (q, k, v) = inputs(&mut rng, &shape);
+    let (q, k, v) = (
+        rounded(DType::BF16, q),
+        rounded(DType::BF16, k),
+        rounded(DType::BF16, v),
+    );
+    let d_o = rounded(DType::BF16, rng.vec(shape.q_len()));
+    let plan = Plan::new(gpu(), shape, None, bf16(PlanOptions::default())).unwrap();
+    let fwd = plan.run(&q, &k, &v).unwrap();
+    let got = plan.backward(&q, &k, &v, &fwd.o, &fwd.lse, &d_o).unwrap();
+    let want = reference::attention_backward(&shape, &q, &k, &v, None, None, &d_o).unwrap();
+    assert_grads("bf16 host form", &got, &want, TOL_BF16);
 }

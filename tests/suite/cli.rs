@@ -11,7 +11,7 @@ use blockflash::suite::family_mask;
 use blockflash::{reference, BlockMask, Mask, Shape};
 use serde_json::Value;
 
-use crate::common::{assert_close, gpu, tolerance, Rng};
+use crate::common::{assert_close, gpu, rel_l2, tolerance, Rng};
 
 /// A fresh directory for one test's files.
 fn scratch(test: &str) -> PathBuf {
@@ -96,6 +96,13 @@ fn f16_bytes(x: &[f32]) -> Vec<u8> {
     x.iter()
         .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
         .collect()
+}
+
+/// The bfloat16 bytes of `x` (nearest, ties to even) and the values they hold.
+fn bf16_bytes(x: &[f32]) -> (Vec<u8>, Vec<f32>) {
+    let bytes = DType::BF16.encode(x);
+    let values = DType::BF16.decode(&bytes, x.len());
+    (bytes, values)
 }
 
 /// Rounds through float16, as the file stores the values.
@@ -404,6 +411,79 @@ fn run_on_a_safetensors_file_round_trips() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+#[test]
+fn run_on_bf16_safetensors_runs_bf16_forward_and_backward() {
+    let mut rng = Rng::fresh("cli run bf16");
+    let dir = scratch("run-bf16");
+    let shape = Shape {
+        batch: 2,
+        heads: 4,
+        kv_heads: 2,
+        seq_q: 80,
+        seq_k: 80,
+        head_dim: 32,
+    };
+    let (q_bytes, q) = bf16_bytes(&rng.vec(shape.q_len()));
+    let (k_bytes, k) = bf16_bytes(&rng.vec(shape.kv_len()));
+    let (v_bytes, v) = bf16_bytes(&rng.vec(shape.kv_len()));
+    // dO as float32 .npy holding bf16 values, so that the upload to bf16 rounds nothing.
+    let (_, d_o) = bf16_bytes(&rng.vec(shape.q_len()));
+    let bytes = mask_bytes(&mut rng, 2, 80, 80, 0.2);
+    let mask = Mask::per_batch(vec![
+        Mask::from_bytes(80, 80, &bytes[..6400]).unwrap(),
+        Mask::from_bytes(80, 80, &bytes[6400..]).unwrap(),
+    ])
+    .unwrap();
+    let inputs = dir.join("inputs.safetensors");
+    let file = safetensors(&[
+        ("q", "BF16", vec![2, 4, 80, 32], q_bytes),
+        ("k", "BF16", vec![2, 2, 80, 32], k_bytes),
+        ("v", "BF16", vec![2, 2, 80, 32], v_bytes),
+        ("mask", "U8", vec![2, 80, 80], bytes),
+    ]);
+    std::fs::write(&inputs, file).unwrap();
+    let dof = dir.join("do.npy");
+    std::fs::write(&dof, npy("<f4", false, &[2, 4, 80, 32], &f32_bytes(&d_o))).unwrap();
+    let outs = ["o", "lse", "dq", "dk", "dv"].map(|n| dir.join(format!("{n}.safetensors")));
+    let want = reference::attention(&shape, &q, &k, &v, Some(&mask), None).unwrap();
+    let grads = reference::attention_backward(&shape, &q, &k, &v, Some(&mask), None, &d_o).unwrap();
+    // auto runs bf16 inputs in bf16; --precision f32 widens them. Gradient tolerances as in
+    // backward.rs.
+    for (precision, tier, dtype, grad_tol) in [
+        ("auto", "portable-bf16", DType::BF16, 1e-2),
+        ("f32", "portable-f32", DType::F32, 1e-4),
+    ] {
+        let line = format!(
+            "run --inputs {{}} --out {{}} --lse {{}} --do {{}} --dq {{}} --dk {{}} --dv {{}} \
+             --precision {precision}"
+        );
+        let [o, lse, dq, dk, dv] = &outs;
+        let out = blockflash(&line, &[&inputs, o, lse, &dof, dq, dk, dv]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{line}:\n{stderr}");
+        assert!(stderr.contains(&format!("tier: {tier};")), "{stderr}");
+        let got = blockflash::Output {
+            o: read_safetensors(o, "o").1,
+            lse: read_safetensors(lse, "lse").1,
+        };
+        assert_close(
+            &format!("run bf16 {precision}"),
+            &got,
+            &want,
+            tolerance(dtype),
+        );
+        for (name, path, want) in [
+            ("dq", dq, &grads.dq),
+            ("dk", dk, &grads.dk),
+            ("dv", dv, &grads.dv),
+        ] {
+            let err = rel_l2(&read_safetensors(path, name).1, want);
+            assert!(err <= grad_tol, "{precision} {name}: {err:e}");
+        }
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 // ---- mask ---------------------------------------------------------------------------------
 
 fn json(text: &str) -> Value {
@@ -571,6 +651,7 @@ fn bench_json_rows_hold_every_field() {
     assert_eq!(lines.len(), 1, "{text}");
     let row = json(lines[0]);
     for key in [
+        "pass",
         "mask",
         "seq",
         "batch",
@@ -597,16 +678,70 @@ fn bench_json_rows_hold_every_field() {
         assert!(!row[key].is_null(), "field {key} missing in {row}");
     }
     assert_eq!(row["mask"], "causal");
+    assert_eq!(row["pass"], "fwd");
+    assert!(table.contains("| fwd | causal |"), "{table}");
+    assert!(row.get("ms_fwd_masked").is_none(), "{row}");
     assert_eq!((num(&row, "seq"), num(&row, "head_dim")), (128.0, 32.0));
     assert_eq!(row["precision"], "f32");
-    let (dense, masked) = (num(&row, "ms_dense"), num(&row, "ms_masked"));
-    let speedup = num(&row, "speedup");
-    assert!(dense > 0.0 && masked > 0.0);
-    assert!((speedup - dense / masked).abs() <= 1e-9 * speedup, "{row}");
-    let ideal = num(&row, "ideal_speedup") * num(&row, "active_tiles");
-    assert!((ideal - 1.0).abs() < 1e-9, "{row}");
+    assert_timing(&row);
     assert!(num(&row, "max_rel_error") <= 1e-4);
     assert!(num(&row, "ms_plan") >= 0.0);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Checks a bench row's times: speedup = ms_dense / ms_masked, ideal = 1 / active.
+fn assert_timing(row: &Value) {
+    let (dense, masked) = (num(row, "ms_dense"), num(row, "ms_masked"));
+    let speedup = num(row, "speedup");
+    assert!(dense > 0.0 && masked > 0.0);
+    assert!((speedup - dense / masked).abs() <= 1e-9 * speedup, "{row}");
+    let ideal = num(row, "ideal_speedup") * num(row, "active_tiles");
+    assert!((ideal - 1.0).abs() < 1e-9, "{row}");
+}
+
+#[test]
+fn bench_backward_rows_time_and_verify_forward_and_backward() {
+    let dir = scratch("bench-backward");
+    let rows = dir.join("rows.jsonl");
+    // GQA: dK and dV sum over two query heads.
+    let table = ok(
+        "bench --backward --mask all --seq 128 --batch 1 --heads 2 --kv-heads 1 --head-dim 32 --repeat 2 --precision f32 --json {}",
+        &[&rows],
+    );
+    assert!(
+        table.contains("| pass | mask |") && table.contains("| dQ err | dK err | dV err |"),
+        "{table}"
+    );
+    let text = std::fs::read_to_string(&rows).unwrap();
+    let rows: Vec<Value> = text.lines().map(json).collect();
+    assert_eq!(rows.len(), 8, "{text}");
+    for row in &rows {
+        let mask = row["mask"].as_str().expect("mask");
+        assert!(table.contains(&format!("| fwd+bwd | {mask} |")), "{table}");
+        assert_eq!(row["pass"], "fwd+bwd");
+        assert_eq!(row["kv_heads"], 1);
+        assert!(
+            !row["grad_check"].as_str().unwrap_or("").is_empty(),
+            "{row}"
+        );
+        assert_timing(row);
+        let (fwd_dense, fwd_masked) = (num(row, "ms_fwd_dense"), num(row, "ms_fwd_masked"));
+        assert!(fwd_dense > 0.0 && fwd_masked > 0.0, "{row}");
+        if row["clock"] == "gpu-timestamps" {
+            // The forward parts are spans of the same timed runs.
+            assert!(fwd_dense <= num(row, "ms_dense") && fwd_masked <= num(row, "ms_masked"));
+        }
+        // The dense plan is the same for every mask: timed once.
+        assert_eq!(row["ms_dense"], rows[0]["ms_dense"]);
+        for key in [
+            "max_rel_error",
+            "max_rel_error_dq",
+            "max_rel_error_dk",
+            "max_rel_error_dv",
+        ] {
+            assert!(num(row, key) <= 1e-4, "{key} of {row}");
+        }
+    }
     std::fs::remove_dir_all(&dir).ok();
 }
 
@@ -632,6 +767,49 @@ fn bench_tier_forces_the_kernel_tier() {
         "bench --mask causal --seq 128 --tier cuda",
         &[],
         "invalid value 'cuda' for '--tier",
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn bench_runs_bf16_with_either_row_reduction() {
+    let dir = scratch("bench-bf16");
+    let rows = dir.join("rows.jsonl");
+    // 16x32 tiles run 8 threads per row: subgroup reductions fit subgroups of 8 and more.
+    let line = "bench --mask causal --seq 128 --batch 1 --heads 2 --kv-heads 1 --head-dim 32 \
+                --repeat 1 --precision bf16 --tile 16x32 --json {}";
+    let with_env = |value: &str| {
+        Command::new(env!("CARGO_BIN_EXE_blockflash"))
+            .args(argv(line, &[&rows]))
+            .env("BLOCKFLASH_SUBGROUP_REDUCTIONS", value)
+            .output()
+            .expect("the blockflash binary runs")
+    };
+    let has_subgroups = gpu().min_subgroup_size().is_some_and(|n| n >= 8);
+    for value in ["", "0", "1"] {
+        let out = with_env(value);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if value == "1" && !has_subgroups {
+            assert!(stderr.contains("subgroup reductions need"), "{stderr}");
+            continue;
+        }
+        assert!(out.status.success(), "{value:?}: {stderr}");
+        let row = json(std::fs::read_to_string(&rows).unwrap().trim());
+        assert_eq!(
+            (&row["tier"], &row["precision"]),
+            (&"portable-bf16".into(), &"bf16".into())
+        );
+        assert!(
+            num(&row, "max_rel_error") <= tolerance(DType::BF16),
+            "{row}"
+        );
+    }
+    let out = with_env("yes");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("invalid BLOCKFLASH_SUBGROUP_REDUCTIONS"),
+        "{stderr}"
     );
     std::fs::remove_dir_all(&dir).ok();
 }
@@ -703,7 +881,7 @@ fn documented_errors_exit_non_zero_with_a_message() {
         (
             run.into(),
             vec![&q, &bools, &kv, &out],
-            "expected float32 or float16",
+            "expected float32, float16 or bfloat16",
         ),
         (
             format!("{run} --mask {{}}"),

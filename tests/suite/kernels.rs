@@ -10,7 +10,16 @@ use blockflash::kernel::{
 use blockflash::Tier;
 use wgpu::naga;
 
-/// Bytes of workgroup memory that the `main` entry point of `tier`'s module declares for `c`.
+/// Every kernel tier.
+const TIERS: [Tier; 4] = [
+    Tier::PortableF32,
+    Tier::PortableF16,
+    Tier::PortableBf16,
+    Tier::TensorCore,
+];
+
+/// Bytes of workgroup memory that the `main` entry point of `tier`'s module declares for `c`
+/// (with subgroups and row reductions through workgroup memory, the most it can declare).
 fn declared_workgroup_bytes(tier: Tier, c: &KernelConfig) -> u32 {
     let mut constants = vec![
         ("BR", c.tile_rows),
@@ -21,7 +30,7 @@ fn declared_workgroup_bytes(tier: Tier, c: &KernelConfig) -> u32 {
     if tier != Tier::TensorCore {
         constants.extend([("DC", c.dc), ("TX", c.tx)]);
     }
-    declared_bytes(&module_source(tier), "main", &constants)
+    declared_bytes(&module_source(tier, true), "main", &constants)
 }
 
 /// Bytes of workgroup memory that module `src` declares once `constants` are applied for
@@ -87,7 +96,7 @@ fn host_workgroup_budget_matches_the_shaders_declarations() {
         max_compute_workgroup_size_x: 1024,
         ..wgpu::Limits::default()
     };
-    for tier in [Tier::PortableF32, Tier::PortableF16, Tier::TensorCore] {
+    for tier in TIERS {
         for d in blockflash::shape::HEAD_DIMS {
             for c in KernelConfig::candidates(&limits, tier, d) {
                 let declared = declared_workgroup_bytes(tier, &c) as usize;
@@ -106,7 +115,7 @@ fn host_workgroup_budget_matches_the_shaders_declarations() {
 fn backward_workgroup_budget_matches_the_shader_and_fits_the_baseline() {
     // The WebGPU baseline: 16 KiB of workgroup memory, 256 invocations.
     let limits = wgpu::Limits::downlevel_defaults();
-    for tier in [Tier::PortableF32, Tier::PortableF16, Tier::TensorCore] {
+    for tier in TIERS {
         let src = backward_module_source(tier.dtype());
         let big = wgpu::Limits {
             max_compute_workgroup_storage_size: 1 << 20,
@@ -150,6 +159,47 @@ fn backward_workgroup_budget_matches_the_shader_and_fits_the_baseline() {
                     assert!(storage <= 8, "{entry} binds {storage} storage buffers");
                 }
             }
+        }
+    }
+}
+
+#[test]
+fn subgroup_operations_stay_out_of_the_tensor_core_module_and_devices_without_them() {
+    // Subgroup built-in functions (subgroupAdd, subgroupShuffleXor, ...) and values
+    // (subgroup_size, subgroup_invocation_id, ...), not the word in comments.
+    let uses_subgroups = |src: &str| {
+        src.match_indices("subgroup").any(|(i, _)| {
+            let next = src[i + "subgroup".len()..].chars().next();
+            next.is_some_and(|c| c.is_ascii_uppercase() || c == '_')
+        })
+    };
+    // One NVIDIA driver crashed on a module mixing cooperative matrices and subgroup operations.
+    for subgroups in [false, true] {
+        assert!(!uses_subgroups(&module_source(Tier::TensorCore, subgroups)));
+    }
+    for tier in [Tier::PortableF32, Tier::PortableF16, Tier::PortableBf16] {
+        let without = module_source(tier, false);
+        assert!(!uses_subgroups(&without), "{tier}");
+        let with = module_source(tier, true);
+        assert!(uses_subgroups(&with), "{tier}");
+        // Both variants of the row reductions specialise and validate.
+        for (src, red) in [(&without, 0), (&with, 0), (&with, 1)] {
+            let constants = [
+                ("BR", 16),
+                ("BC", 32),
+                ("D", 64),
+                ("THREADS", 128),
+                ("DC", 64),
+                ("TX", 8),
+                ("SUBGROUP_RED", red),
+            ];
+            let module = specialised(src, "main", &constants);
+            naga::valid::Validator::new(
+                naga::valid::ValidationFlags::all(),
+                naga::valid::Capabilities::all(),
+            )
+            .validate(&module)
+            .unwrap_or_else(|e| panic!("{tier} SUBGROUP_RED={red}: {e:?}"));
         }
     }
 }

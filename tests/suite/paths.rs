@@ -1,10 +1,16 @@
 //! Every dispatch path (dense with an element mask, run-length, sparse list) against the f64
 //! reference on every mask family and on the awkward cases of tile skipping.
 
+use std::io::Write;
+
+use blockflash::kernel::DType;
 use blockflash::suite::{family_mask, FAMILIES};
 use blockflash::{reference, Error, Mask, Path, Plan, PlanOptions, Reorder, Shape};
 
-use crate::common::{assert_close, check_case, gpu, inputs, run_poisoned, shuffled_band, Rng};
+use crate::common::{
+    assert_close, check_case, gpu, inputs, run_poisoned, run_poisoned_on, shuffled_band,
+    small_binding_gpu, Rng,
+};
 
 fn forced(path: Path, tile: Option<(usize, usize)>) -> PlanOptions {
     PlanOptions {
@@ -270,4 +276,119 @@ fn split_kv_parts_merge_to_the_reference_on_every_path() {
         Some(&mask),
         PlanOptions::default(),
     );
+}
+
+#[test]
+fn row_reductions_by_subgroup_shuffles_and_workgroup_memory_match_the_reference() {
+    let mut rng = Rng::fresh("row reductions");
+    let lanes = gpu().min_subgroup_size();
+    let reductions = match lanes {
+        Some(_) => vec![false, true],
+        None => {
+            let name = &gpu().adapter_info().name;
+            let why = "the device has no subgroups";
+            writeln!(
+                std::io::stderr(),
+                "SKIPPED subgroup reductions on {name}: {why}"
+            )
+            .ok();
+            vec![false]
+        }
+    };
+    // 16x32 tiles run 8 threads per row: subgroups of 8 (lavapipe) and more hold a row.
+    let tile = Some((16, 32));
+    let n = 150;
+    let per_batch = Mask::per_batch(vec![
+        family_mask("documents", n, 4).unwrap(),
+        Mask::from_fn(n, n, |q, k| q % 9 != 4 && k <= q).unwrap(), // rows with no key
+    ])
+    .unwrap();
+    let gqa = Shape {
+        batch: 2,
+        heads: 4,
+        kv_heads: 2,
+        seq_q: n,
+        seq_k: n,
+        head_dim: 64,
+    };
+    let longformer = family_mask("longformer", n, 4).unwrap();
+    let band = shuffled_band(&mut rng, n, 4);
+    for dtype in [DType::F32, DType::BF16] {
+        for &on in &reductions {
+            let with = |opts: PlanOptions| PlanOptions {
+                dtype,
+                subgroup_reductions: Some(on),
+                ..opts
+            };
+            for path in [Path::Dense, Path::RunLength, Path::Sparse] {
+                let opts = with(forced(path, tile));
+                let plan = Plan::new(gpu(), gqa, Some(&per_batch), opts.clone()).unwrap();
+                assert_eq!(plan.subgroup_reductions(), on, "{}", plan.describe());
+                let what = format!("per-batch {path} subgroups {on}");
+                check_case(&what, &mut rng, gqa, Some(&per_batch), opts);
+            }
+            let split = with(PlanOptions {
+                max_tiles_per_workgroup: Some(2),
+                ..forced(Path::Sparse, tile)
+            });
+            let what = format!("split-KV subgroups {on}");
+            check_case(&what, &mut rng, gqa, Some(&longformer), split);
+            let rcm = with(PlanOptions {
+                reorder: Reorder::On,
+                tile,
+                ..Default::default()
+            });
+            check_case(
+                &format!("rcm subgroups {on}"),
+                &mut rng,
+                gqa,
+                Some(&band),
+                rcm,
+            );
+            check_case(
+                &format!("no mask subgroups {on}"),
+                &mut rng,
+                gqa,
+                None,
+                with(forced(Path::Dense, tile)),
+            );
+        }
+    }
+    // Asked for without a tile: the plan picks one whose rows fit a subgroup.
+    let on = PlanOptions {
+        subgroup_reductions: Some(true),
+        ..Default::default()
+    };
+    match (lanes, Plan::new(gpu(), gqa, None, on)) {
+        (Some(n), Ok(plan)) => {
+            assert!(plan.subgroup_reductions() && plan.config().tx <= n as usize);
+            assert!(plan
+                .describe()
+                .contains("row reductions by subgroup shuffles"));
+        }
+        (None, Err(Error::TierUnavailable(_))) => {}
+        (_, other) => panic!(
+            "subgroup reductions on {lanes:?}: {:?}",
+            other.map(|p| p.describe())
+        ),
+    }
+    // A device created without SUBGROUP (and 64 KiB storage bindings): workgroup memory, and a
+    // typed error when asked for subgroup reductions.
+    let plain = small_binding_gpu();
+    assert_eq!(plain.min_subgroup_size(), None);
+    let small = Shape::new(1, 2, 100, 64);
+    let plan = Plan::new(&plain, small, None, forced(Path::Dense, tile)).unwrap();
+    assert!(!plan.subgroup_reductions());
+    let (q, k, v) = inputs(&mut rng, &small);
+    let want = reference::attention(&small, &q, &k, &v, None, None).unwrap();
+    let got = run_poisoned_on(&plain, &plan, &q, &k, &v);
+    assert_close("no SUBGROUP", &got, &want, 1e-5);
+    let on = PlanOptions {
+        subgroup_reductions: Some(true),
+        ..Default::default()
+    };
+    match Plan::new(&plain, small, None, on) {
+        Err(Error::TierUnavailable(why)) => assert!(why.contains("SUBGROUP"), "{why}"),
+        other => panic!("no SUBGROUP: {:?}", other.map(|p| p.describe())),
+    }
 }

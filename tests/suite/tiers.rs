@@ -1,6 +1,7 @@
-//! The f16 tiers (portable f16 storage, tensor cores) on every path against the f64 reference on
-//! inputs rounded to f16: relative L2 error of O ≤ 5e-3. A tier the adapter lacks is skipped
-//! with the reason printed (lavapipe has no cooperative matrices; the H100 runs them).
+//! The half-precision tiers (portable f16 and bf16 storage, tensor cores) on every path against
+//! the f64 reference on inputs rounded to the storage type: relative L2 error of O ≤ 5e-3 for
+//! f16, 1e-2 for bf16 (common.rs's `tolerance`). A tier the adapter lacks is skipped with the
+//! reason printed (lavapipe has no cooperative matrices; the H100 runs them).
 
 use std::io::Write;
 
@@ -24,7 +25,7 @@ fn tier_or_skip(tier: Tier) -> bool {
 
 fn opts(tier: Tier, path: Option<Path>) -> PlanOptions {
     PlanOptions {
-        dtype: DType::F16,
+        dtype: tier.dtype(),
         tier: Some(tier),
         path,
         ..Default::default()
@@ -140,6 +141,20 @@ fn portable_f16_matches_reference_on_head_dims_lengths_splits_and_reordering() {
 }
 
 #[test]
+fn portable_bf16_matches_reference_on_every_path_and_family() {
+    if tier_or_skip(Tier::PortableBf16) {
+        every_path_on_every_family(Tier::PortableBf16);
+    }
+}
+
+#[test]
+fn portable_bf16_matches_reference_on_head_dims_lengths_splits_and_reordering() {
+    if tier_or_skip(Tier::PortableBf16) {
+        shapes_head_dims_and_splits(Tier::PortableBf16);
+    }
+}
+
+#[test]
 fn tensor_core_matches_reference_on_every_path_and_family() {
     if tier_or_skip(Tier::TensorCore) {
         every_path_on_every_family(Tier::TensorCore);
@@ -177,13 +192,31 @@ fn tier_choice_follows_dtype_and_refuses_mismatches() {
             assert_eq!(plan.dtype(), DType::F16);
         }
     }
-    let mismatch = PlanOptions {
-        tier: Some(Tier::PortableF32),
-        dtype: DType::F16,
+    // bf16 needs no feature: every device runs it on the portable bf16 tier.
+    let bf16 = PlanOptions {
+        dtype: DType::BF16,
         ..Default::default()
     };
-    assert!(matches!(
-        Plan::new(gpu(), shape, None, mismatch),
-        Err(Error::TierUnavailable(_))
-    ));
+    let plan = Plan::new(gpu(), shape, None, bf16).unwrap();
+    assert_eq!(
+        (plan.tier(), plan.dtype()),
+        (Tier::PortableBf16, DType::BF16)
+    );
+    assert!(plan.describe().contains("tier: portable-bf16;"));
+    assert_eq!("portable-bf16".parse::<Tier>().unwrap(), Tier::PortableBf16);
+    for (tier, dtype) in [
+        (Tier::PortableF32, DType::F16),
+        (Tier::PortableBf16, DType::F32),
+        (Tier::PortableF16, DType::BF16),
+    ] {
+        let mismatch = PlanOptions {
+            tier: Some(tier),
+            dtype,
+            ..Default::default()
+        };
+        assert!(matches!(
+            Plan::new(gpu(), shape, None, mismatch),
+            Err(Error::TierUnavailable(_))
+        ));
+    }
 }
