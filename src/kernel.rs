@@ -138,35 +138,239 @@ pub fn backward_module_source(dtype: DType) -> String {
     format!("{}{COMMON_WGSL}\n{BACKWARD_WGSL}", storage_prologue(dtype))
 }
 
-/// Invocations per workgroup of the backward kernels (the WebGPU baseline maximum).
-pub const BACKWARD_THREADS: usize = 256;
-// Capacities of the backward kernels' per-thread accumulators in floats (ACC_CAP and DQ_CAP
-// vec4s).
-const BACKWARD_ACC_CAP: usize = 64;
-const BACKWARD_DQ_CAP: usize = 16;
+/// Invocations per workgroup of the backward pre-pass (one per query row; within every
+/// device's limits).
+pub const BACKWARD_PRE_THREADS: usize = 64;
+// Capacities of the walking backward passes' per-thread arrays: S_CAP S (and dP) elements,
+// SIDE_CAP rows and keys of them, ACC_CAP vec4 accumulators of dK and dV (or dQ).
+const BACKWARD_S_CAP: usize = 16;
+const BACKWARD_SIDE_CAP: usize = 8;
+const BACKWARD_ACC_CAP: usize = 16;
+/// What [`backward_layout`] prefers: at least this many threads (two subgroups of 32 on most
+/// GPUs) and at most this many accumulators per thread and kind (registers).
+const BACKWARD_PREFERRED_THREADS: usize = 64;
+const BACKWARD_PREFERRED_ACC: usize = 8;
+/// Most query rows of a dK/dV step.
+const BACKWARD_MAX_ROWS: usize = 64;
+/// Most key tiles of a dQ step.
+const BACKWARD_MAX_KEY_TILES: usize = 4;
 
-/// Bytes of workgroup memory of the backward kernels at `rows` query rows per step: Q, dO, P,
-/// dS and the row statistics, plus common.wgsl's walk.
-pub fn backward_workgroup_bytes(tile_cols: usize, head_dim: usize, rows: usize) -> usize {
-    4 * (2 * rows * head_dim + 2 * rows * tile_cols + 2 * rows) + WALK_BYTES
+/// How a walking pass of the backward (dK/dV or dQ) runs a tile shape (see
+/// shaders/backward.wgsl): its workgroup size, the query rows and keys of a step, the head-dim
+/// chunk in workgroup memory, and its two thread grids: `sx` threads along the keys of the S and
+/// dP block, `ax` threads along the vec4 column groups of the accumulators.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct BackwardLayout {
+    /// The pass: dK/dV or dQ (the pre-pass has no layout).
+    pub pass: BackwardPass,
+    /// Query rows per tile (Br), from the forward configuration.
+    pub tile_rows: usize,
+    /// Keys per tile (Bc), from the forward configuration.
+    pub tile_cols: usize,
+    /// Head dimension.
+    pub head_dim: usize,
+    /// Invocations per workgroup.
+    pub threads: usize,
+    /// Query rows per step: dK/dV's run over the query tiles of its walk (any power of two),
+    /// dQ's divide its query tile.
+    pub rows: usize,
+    /// Keys per step: dK/dV's key tile, or for dQ a multiple of it (key tiles of its walk).
+    pub keys: usize,
+    /// Head-dim columns in workgroup memory at once (divides `head_dim`; all of it keeps the
+    /// operands that stay over the walk).
+    pub dc: usize,
+    /// Threads along the keys of the S and dP block.
+    pub sx: usize,
+    /// Threads along the vec4 column groups of the accumulators.
+    pub ax: usize,
 }
 
-/// Query rows per step of the backward kernels for the tiles of `config`: the most (up to 16)
-/// that divide the tile's rows and fit the per-thread accumulators and the workgroup memory of
-/// `limits`; `None` when the tile shape does not fit them at all.
-pub fn backward_rows_per_step(config: &KernelConfig, limits: &wgpu::Limits) -> Option<usize> {
-    let (bc, d) = (config.tile_cols, config.head_dim);
-    let threads_ok = BACKWARD_THREADS <= limits.max_compute_invocations_per_workgroup as usize
-        && BACKWARD_THREADS <= limits.max_compute_workgroup_size_x as usize;
-    if !threads_ok || bc * d > BACKWARD_ACC_CAP * BACKWARD_THREADS {
-        return None;
+impl BackwardLayout {
+    /// Bytes of workgroup memory of the pass: Q and dO of a step's rows and K and V of its
+    /// keys, each a head-dim chunk with rows padded by a vec4; P (dK/dV only) and dS of a step.
+    pub fn workgroup_bytes(&self) -> usize {
+        let (rs, ks) = (self.rows, self.keys);
+        let chunk = 4 * (self.dc + 4) * (2 * rs + 2 * ks);
+        match self.pass {
+            BackwardPass::DkDv => chunk + 4 * 2 * rs * ks,
+            // dS, and common.wgsl's walk (the dQ pass reads its work items with it).
+            _ => chunk + 4 * rs * ks + WALK_BYTES,
+        }
     }
-    [16, 8, 4, 2, 1].into_iter().find(|&rs| {
-        config.tile_rows.is_multiple_of(rs)
-            && rs * d <= BACKWARD_DQ_CAP * BACKWARD_THREADS
-            && backward_workgroup_bytes(bc, d, rs)
-                <= limits.max_compute_workgroup_storage_size as usize
-    })
+
+    /// The override constants of the pass.
+    pub fn constants(&self) -> [(&'static str, f64); 9] {
+        [
+            ("BR", self.tile_rows as f64),
+            ("BC", self.tile_cols as f64),
+            ("D", self.head_dim as f64),
+            ("THREADS", self.threads as f64),
+            ("RS", self.rows as f64),
+            ("KS", self.keys as f64),
+            ("DC", self.dc as f64),
+            ("SX", self.sx as f64),
+            ("AX", self.ax as f64),
+        ]
+    }
+
+    /// Words one step moves: operand reads from workgroup memory (each thread reads the rows
+    /// and keys of its block, so wider blocks read less) plus, at eight times the weight,
+    /// staging from global memory (global reads, conversion and stores: the weight that fits
+    /// lavapipe's times).
+    fn step_cost(&self) -> usize {
+        let (d, t, rs, ks, dc, sx, ax) = (
+            self.head_dim,
+            self.threads,
+            self.rows,
+            self.keys,
+            self.dc,
+            self.sx,
+            self.ax,
+        );
+        let (sy, ay) = (t / sx, t / ax);
+        let chunked = usize::from(dc < d);
+        let scores = 2 * d * (rs * sx + ks * sy);
+        let (accumulate, staged) = match self.pass {
+            // Per row: P and dS of the thread's keys, dO and Q of its columns. Q and dO each
+            // step, and again but for the last chunk; K and V each step when chunked.
+            BackwardPass::DkDv => (
+                rs * (2 * ks * ax + 2 * d * ay),
+                2 * rs * (2 * d - dc) + 2 * ks * d * chunked,
+            ),
+            // Per key: dS of the thread's rows, K of its columns. K and V each step, K again
+            // but for the last chunk; Q and dO each step when chunked.
+            _ => (
+                ks * (rs * ax + d * ay),
+                ks * (3 * d - dc) + 2 * rs * d * chunked,
+            ),
+        };
+        scores + accumulate + 8 * staged
+    }
+
+    /// Steps of the walks whose lengths in tiles are `walks` (dK/dV: query tiles of each key
+    /// tile's walk over the heads of its group; dQ: key tiles of each query tile's walk).
+    fn steps(&self, walks: &[usize]) -> usize {
+        let (br, bc, rs, ks) = (self.tile_rows, self.tile_cols, self.rows, self.keys);
+        walks
+            .iter()
+            .map(|&n| match self.pass {
+                BackwardPass::DkDv => (n * br).div_ceil(rs),
+                _ => br / rs * (n * bc).div_ceil(ks),
+            })
+            .sum()
+    }
+
+    /// Whether the shader's capacities and `limits` hold this layout.
+    fn valid(&self, limits: &wgpu::Limits) -> bool {
+        let (br, bc, d, t, rs, ks, dc, sx, ax) = (
+            self.tile_rows,
+            self.tile_cols,
+            self.head_dim,
+            self.threads,
+            self.rows,
+            self.keys,
+            self.dc,
+            self.sx,
+            self.ax,
+        );
+        let fits = t <= limits.max_compute_invocations_per_workgroup as usize
+            && t <= limits.max_compute_workgroup_size_x as usize
+            && self.workgroup_bytes() <= limits.max_compute_workgroup_storage_size as usize;
+        let step = match self.pass {
+            BackwardPass::DkDv => ks == bc,
+            _ => br.is_multiple_of(rs) && ks.is_multiple_of(bc),
+        };
+        // Scores: sx x (t / sx) threads over rs x ks.
+        let (sm, sn) = (rs / (t / sx).max(1), ks / sx);
+        let scores = t.is_multiple_of(sx)
+            && ks.is_multiple_of(sx)
+            && rs.is_multiple_of(t / sx)
+            && sm.max(sn) <= BACKWARD_SIDE_CAP
+            && sm * sn <= BACKWARD_S_CAP;
+        // Accumulators: ax x (t / ax) threads over keys (dK/dV) or rows (dQ) by d / 4 groups,
+        // every chunk holding whole column groups of each thread.
+        let lines = if self.pass == BackwardPass::DkDv {
+            bc
+        } else {
+            rs
+        };
+        let acc = t.is_multiple_of(ax)
+            && lines.is_multiple_of(t / ax)
+            && (dc / 4).is_multiple_of(ax)
+            && self.accumulators() <= BACKWARD_ACC_CAP;
+        fits && step && d.is_multiple_of(dc) && scores && acc
+    }
+
+    /// vec4 accumulators per thread of each kind (dK and dV, or dQ).
+    fn accumulators(&self) -> usize {
+        let lines = if self.pass == BackwardPass::DkDv {
+            self.tile_cols
+        } else {
+            self.rows
+        };
+        lines / (self.threads / self.ax) * (self.head_dim / (4 * self.ax))
+    }
+}
+
+/// The layout of walking pass `pass` (dK/dV or dQ) for the tiles of `config` within `limits`
+/// (see [`BackwardLayout`]), for walks of `walks` tiles (see `BackwardLayout::steps`): of those
+/// with at least 64 threads and at most 8 accumulators per thread and kind, else of all that
+/// fit, the one that moves the fewest words over the walks; `None` when none fits (and for the
+/// pre-pass).
+pub fn backward_layout(
+    config: &KernelConfig,
+    pass: BackwardPass,
+    limits: &wgpu::Limits,
+    walks: &[usize],
+) -> Option<BackwardLayout> {
+    let (br, bc, d) = (config.tile_rows, config.tile_cols, config.head_dim);
+    let pow2 = |max: usize| (0..).map(|e| 1usize << e).take_while(move |&x| x <= max);
+    let (max_rows, max_keys) = match pass {
+        BackwardPass::Pre => return None,
+        BackwardPass::DkDv => (BACKWARD_MAX_ROWS, bc),
+        BackwardPass::Dq => (br, BACKWARD_MAX_KEY_TILES * bc),
+    };
+    // (not preferred, cost): the smallest wins.
+    let mut best: Option<((bool, usize), BackwardLayout)> = None;
+    for threads in [64, 128, 256, 32] {
+        for rows in pow2(max_rows) {
+            for keys in pow2(max_keys).filter(|k| k.is_multiple_of(bc)) {
+                let mut steps = None;
+                let chunks = (1..=d / 4)
+                    .filter(|&n| d.is_multiple_of(4 * n))
+                    .map(|n| d / n);
+                for dc in chunks {
+                    for sx in pow2(keys) {
+                        for ax in pow2(d / 4) {
+                            let l = BackwardLayout {
+                                pass,
+                                tile_rows: br,
+                                tile_cols: bc,
+                                head_dim: d,
+                                threads,
+                                rows,
+                                keys,
+                                dc,
+                                sx,
+                                ax,
+                            };
+                            if !l.valid(limits) {
+                                continue;
+                            }
+                            let preferred = threads >= BACKWARD_PREFERRED_THREADS
+                                && l.accumulators() <= BACKWARD_PREFERRED_ACC;
+                            let steps = *steps.get_or_insert_with(|| l.steps(walks));
+                            let cost = (!preferred, steps * l.step_cost());
+                            if best.is_none_or(|(c, _)| cost < c) {
+                                best = Some((cost, l));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    best.map(|(_, l)| l)
 }
 
 /// Which key tiles a workgroup walks.
@@ -403,7 +607,7 @@ pub(crate) struct Variant {
 
 /// The three passes of the backward, in dispatch order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub(crate) enum BackwardPass {
+pub enum BackwardPass {
     /// D = rowsum(dO ∘ O) and the LSE in log2 units, per query row.
     Pre,
     /// dK and dV, one workgroup per key tile.
@@ -419,9 +623,9 @@ pub(crate) struct BackwardVariant {
     pub path: Path,
     pub dense_mask: bool,
     pub permuted: bool,
-    /// Query rows per step (from [`backward_rows_per_step`]).
-    pub rows: usize,
     pub pass: BackwardPass,
+    /// The walking passes' layout (from [`backward_layout`]); `None` for the pre-pass.
+    pub layout: Option<BackwardLayout>,
 }
 
 /// Compiled pipelines of one device, shared by every plan on it.
@@ -620,17 +824,18 @@ impl PipelineCache {
                 trusted_module(device, "blockflash backward", backward_module_source(dtype))
             })
             .clone();
-        let k = variant.config;
-        let constants = [
-            ("BR", k.tile_rows as f64),
-            ("BC", k.tile_cols as f64),
-            ("D", k.head_dim as f64),
-            ("THREADS", BACKWARD_THREADS as f64),
+        let mut constants = vec![
             ("PATH", variant.path.code() as f64),
             ("DENSE_MASK", variant.dense_mask as u32 as f64),
             ("PERMUTED", variant.permuted as u32 as f64),
-            ("RS", variant.rows as f64),
         ];
+        match variant.layout {
+            Some(l) => constants.extend(l.constants()),
+            None => constants.extend([
+                ("D", variant.config.head_dim as f64),
+                ("THREADS", BACKWARD_PRE_THREADS as f64),
+            ]),
+        }
         let entry = match variant.pass {
             BackwardPass::Pre => "pre",
             BackwardPass::DkDv => "dkdv",

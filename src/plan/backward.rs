@@ -7,13 +7,18 @@
 //! then partial ones with the forward pass's bit slots; the dense path walks every query tile),
 //! and a dQ pass over the forward walk, never split (split-KV stays a forward-only choice).
 //! The buffers it needs (transposed structure, parameters, row statistics) are built on the
-//! first backward call and kept in the plan.
+//! first backward call and kept in the plan, with the layouts of the two walking passes
+//! ([`backward_layout`]: thread grids, step sizes, head-dim chunk), picked for the device's
+//! limits and the lengths of the plan's walks.
 
 use wgpu::util::DeviceExt;
 
 use super::{check_buffers, split_rows, walk_tables, Chunk, Plan};
 use crate::error::{Error, Result};
-use crate::kernel::{backward_rows_per_step, BackwardPass, BackwardVariant, DType, Path};
+use crate::kernel::{
+    backward_layout, BackwardLayout, BackwardPass, BackwardVariant, DType, Path,
+    BACKWARD_PRE_THREADS,
+};
 use crate::reference::Gradients;
 
 /// GPU buffers of one backward call, owned by the caller (the GPU-resident form).
@@ -46,9 +51,10 @@ pub struct BackwardTensors<'a> {
 /// dK, dV): the most of the three passes, and the WebGPU baseline.
 const STORAGE_BUFFERS: u32 = 8;
 
-/// The backward state of a plan: one part per forward chunk, and the rows per step.
+/// The backward state of a plan: one part per forward chunk, and the layouts of the dK/dV and
+/// dQ passes.
 pub(super) struct Backward {
-    rows: usize,
+    layouts: [BackwardLayout; 2],
     chunks: Vec<BackwardChunk>,
 }
 
@@ -94,13 +100,6 @@ impl Plan {
             )));
         }
         let c = self.config;
-        let rows = backward_rows_per_step(&c, &limits).ok_or_else(|| {
-            Error::TierUnavailable(format!(
-                "the backward kernels do not fit {}x{} tiles at head dim {} in this device's \
-                 limits",
-                c.tile_rows, c.tile_cols, c.head_dim
-            ))
-        })?;
         let s = &self.shape;
         let (q_tiles, k_tiles) = (s.seq_q.div_ceil(c.tile_rows), s.seq_k.div_ceil(c.tile_cols));
         let sparse = matches!(self.path, Path::RunLength | Path::Sparse);
@@ -125,6 +124,8 @@ impl Plan {
             .min(limits.max_buffer_size);
         let mut copies = device.create_command_encoder(&Default::default());
         let mut chunks = Vec::with_capacity(self.chunks.len());
+        // Lengths in tiles of the dK/dV walks (over the query heads of a group) and dQ walks.
+        let (mut dkdv_walks, mut dq_walks) = (Vec::new(), Vec::new());
         for chunk in &self.chunks {
             let batches = if self.per_batch { chunk.nb } else { 1 };
             let mut dq_rows = Vec::new();
@@ -162,6 +163,8 @@ impl Plan {
             }
             // Heaviest key tiles first, as the forward pass orders its query tiles.
             columns.sort_by_key(|(w, _)| std::cmp::Reverse(*w));
+            dkdv_walks.extend(columns.iter().map(|(w, _)| w * s.group()));
+            dq_walks.extend(dq_rows.iter().map(|(w, _)| *w));
             let work = split_rows(&dq_rows, Some(usize::MAX), 0, u64::MAX);
             let mut index: Vec<u32> = work.items.iter().flatten().copied().collect();
             let mut params = chunk.params_data;
@@ -219,7 +222,20 @@ impl Plan {
             });
         }
         self.gpu.queue().submit([copies.finish()]);
-        let backward = Backward { rows, chunks };
+        let layout = |pass, walks: &[usize]| {
+            backward_layout(&c, pass, &limits, walks).ok_or_else(|| {
+                Error::TierUnavailable(format!(
+                    "the backward kernels do not fit {}x{} tiles at head dim {} in this \
+                     device's limits",
+                    c.tile_rows, c.tile_cols, c.head_dim
+                ))
+            })
+        };
+        let layouts = [
+            layout(BackwardPass::DkDv, &dkdv_walks)?,
+            layout(BackwardPass::Dq, &dq_walks)?,
+        ];
+        let backward = Backward { layouts, chunks };
         // Compile now, so that a failure is reported here and the first run does not pay.
         for pass in [BackwardPass::Pre, BackwardPass::DkDv, BackwardPass::Dq] {
             self.gpu
@@ -239,8 +255,12 @@ impl Plan {
             path: if walks { self.path } else { Path::Dense },
             dense_mask: walks && self.dense_mask,
             permuted: walks && !self.perm.is_empty(),
-            rows: b.rows,
             pass,
+            layout: match pass {
+                BackwardPass::Pre => None,
+                BackwardPass::DkDv => Some(b.layouts[0]),
+                BackwardPass::Dq => Some(b.layouts[1]),
+            },
         }
     }
 
@@ -328,7 +348,7 @@ impl Plan {
                 BackwardPass::Pre,
                 &[0, 4, 5, 8, 9],
                 [
-                    self.shape.seq_q.div_ceil(crate::kernel::BACKWARD_THREADS) as u32,
+                    self.shape.seq_q.div_ceil(BACKWARD_PRE_THREADS) as u32,
                     heads,
                     chunk.nb as u32,
                 ],

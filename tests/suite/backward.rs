@@ -1,7 +1,7 @@
 //! The backward pass: the f64 reference backward against central finite differences of the f64
 //! forward, and the GPU gradients (dQ, dK, dV) against the reference backward on every mask
 //! family, every path, awkward lengths, Nq ≠ Nk, GQA, rows with no allowed key, per-batch masks,
-//! reordered tokens and split-KV plans.
+//! reordered tokens, split-KV plans, every head dim and the WebGPU baseline's limits.
 //!
 //! Tolerances: the reference backward matches finite differences within a relative L2 error of
 //! 1e-6 per gradient; GPU gradients with f32 storage match the reference within a relative L2
@@ -10,15 +10,17 @@
 //! poisoned with NaN before every run, so an element the kernels never write fails the check.
 
 use blockflash::kernel::DType;
+use blockflash::shape::HEAD_DIMS;
 use blockflash::suite::{family_mask, FAMILIES};
 use blockflash::timing::{median_fwd_bwd_ms, Clock, Resident};
 use blockflash::{
-    reference, BackwardTensors, Error, Gradients, Mask, Path, Plan, PlanOptions, Reorder, Shape,
+    reference, BackwardTensors, Error, Gpu, Gradients, Mask, Path, Plan, PlanOptions, Reorder,
+    Shape,
 };
 use wgpu::util::DeviceExt;
 
 use crate::common::{
-    gpu, inputs, poisoned, rel_l2, rounded, shuffled_band, small_binding_gpu, Rng,
+    baseline_gpu, gpu, inputs, poisoned, rel_l2, rounded, shuffled_band, small_binding_gpu, Rng,
 };
 
 /// Relative L2 error allowed per gradient with f32 storage.
@@ -95,10 +97,9 @@ fn reference_backward_matches_finite_differences() {
     }
 }
 
-/// A storage buffer holding `data` in storage type `e`.
-fn upload(e: DType, data: &[f32]) -> wgpu::Buffer {
-    gpu()
-        .device()
+/// A storage buffer on `gpu` holding `data` in storage type `e`.
+fn upload(gpu: &Gpu, e: DType, data: &[f32]) -> wgpu::Buffer {
+    gpu.device()
         .create_buffer_init(&wgpu::util::BufferInitDescriptor {
             label: None,
             contents: &e.encode(data),
@@ -108,17 +109,20 @@ fn upload(e: DType, data: &[f32]) -> wgpu::Buffer {
 
 /// Runs the backward of `plan` through the GPU-resident form with NaN-poisoned gradient buffers
 /// and reads the gradients back.
-fn backward_poisoned(plan: &Plan, [q, k, v, o, lse, d_o]: [&[f32]; 6]) -> Gradients<f32> {
-    let gpu = gpu();
+fn backward_poisoned(
+    gpu: &Gpu,
+    plan: &Plan,
+    [q, k, v, o, lse, d_o]: [&[f32]; 6],
+) -> Gradients<f32> {
     let (s, e, dev) = (plan.shape(), plan.dtype(), gpu.device());
     let (qb, kb, vb, ob, db) = (
-        upload(e, q),
-        upload(e, k),
-        upload(e, v),
-        upload(e, o),
-        upload(e, d_o),
+        upload(gpu, e, q),
+        upload(gpu, e, k),
+        upload(gpu, e, v),
+        upload(gpu, e, o),
+        upload(gpu, e, d_o),
     );
-    let lb = upload(DType::F32, lse);
+    let lb = upload(gpu, DType::F32, lse);
     let (dq, dk, dv) = (
         poisoned(gpu, e, s.q_len()),
         poisoned(gpu, e, s.kv_len()),
@@ -196,14 +200,26 @@ fn check_backward(
     mask: Option<&Mask>,
     opts: PlanOptions,
 ) -> Plan {
+    check_backward_on(gpu(), what, rng, shape, mask, opts)
+}
+
+/// [`check_backward`] on device `gpu`.
+fn check_backward_on(
+    gpu: &Gpu,
+    what: &str,
+    rng: &mut Rng,
+    shape: Shape,
+    mask: Option<&Mask>,
+    opts: PlanOptions,
+) -> Plan {
     let e = opts.dtype;
     let (q, k, v) = inputs(rng, &shape);
     let (q, k, v) = (rounded(e, q), rounded(e, k), rounded(e, v));
     let d_o = rounded(e, rng.vec(shape.q_len()));
-    let plan = Plan::new(gpu(), shape, mask, opts.clone())
+    let plan = Plan::new(gpu, shape, mask, opts.clone())
         .unwrap_or_else(|err| panic!("{what}: plan failed: {err}"));
     let fwd = plan.run(&q, &k, &v).expect("forward");
-    let got = backward_poisoned(&plan, [&q, &k, &v, &fwd.o, &fwd.lse, &d_o]);
+    let got = backward_poisoned(gpu, &plan, [&q, &k, &v, &fwd.o, &fwd.lse, &d_o]);
     let want = reference::attention_backward(&shape, &q, &k, &v, mask, opts.scale, &d_o).unwrap();
     let tol = match e {
         DType::F32 => TOL_F32,
@@ -295,6 +311,33 @@ fn gradients_match_reference_on_rectangular_masks_with_gqa() {
         head_dim: 32,
     };
     check_backward("no mask", &mut rng, shape, None, PlanOptions::default());
+}
+
+#[test]
+fn gradients_match_reference_at_every_head_dim_and_within_baseline_limits() {
+    // Large head dims and the WebGPU baseline's 16 KiB of workgroup memory make the kernels
+    // stage head-dim chunks; GQA makes a step span query heads.
+    let mut rng = Rng::fresh("backward head dims");
+    let baseline = baseline_gpu();
+    let n = 70;
+    let mask = family_mask("documents", n, rng.next_u64()).unwrap();
+    for (i, d) in HEAD_DIMS.into_iter().enumerate() {
+        let shape = Shape {
+            batch: 1,
+            heads: 2,
+            kv_heads: 1,
+            seq_q: n,
+            seq_k: n,
+            head_dim: d,
+        };
+        // The dense path (its mask bits) and the sparse one by turns: each pipeline costs a
+        // compilation.
+        let path = [Path::Dense, Path::Sparse][i % 2];
+        for (device, gpu) in [("adapter", gpu()), ("baseline", &baseline)] {
+            let what = format!("d={d} {device} {path}");
+            check_backward_on(gpu, &what, &mut rng, shape, Some(&mask), forced(path, None));
+        }
+    }
 }
 
 #[test]

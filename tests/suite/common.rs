@@ -61,17 +61,33 @@ pub fn gpu() -> &'static Gpu {
 /// A device whose storage bindings hold only 64 KiB, so that the host forms split the work
 /// over batch elements and key/value heads.
 pub fn small_binding_gpu() -> Gpu {
+    limited_gpu(|l| wgpu::Limits {
+        max_storage_buffer_binding_size: 64 << 10,
+        ..l
+    })
+}
+
+/// A device with the WebGPU baseline's 16 KiB of workgroup memory and 256 invocations per
+/// workgroup, so that kernels take their smallest layouts.
+pub fn baseline_gpu() -> Gpu {
+    let baseline = wgpu::Limits::downlevel_defaults();
+    limited_gpu(|l| wgpu::Limits {
+        max_compute_workgroup_storage_size: baseline.max_compute_workgroup_storage_size,
+        max_compute_invocations_per_workgroup: baseline.max_compute_invocations_per_workgroup,
+        max_compute_workgroup_size_x: baseline.max_compute_workgroup_size_x,
+        ..l
+    })
+}
+
+/// A device on the default adapter with its limits changed by `limits`.
+fn limited_gpu(limits: impl FnOnce(wgpu::Limits) -> wgpu::Limits) -> Gpu {
     let adapter = pollster::block_on(
         wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env())
             .request_adapter(&Default::default()),
     )
     .expect("adapter");
-    let limits = wgpu::Limits {
-        max_storage_buffer_binding_size: 64 << 10,
-        ..adapter.limits()
-    };
     let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
-        required_limits: limits,
+        required_limits: limits(adapter.limits()),
         ..Default::default()
     }))
     .expect("device");

@@ -4,8 +4,8 @@
 //! backward kernels alike.
 
 use blockflash::kernel::{
-    backward_module_source, backward_rows_per_step, backward_workgroup_bytes, module_source,
-    KernelConfig, BACKWARD_THREADS,
+    backward_layout, backward_module_source, module_source, BackwardPass, KernelConfig,
+    BACKWARD_PRE_THREADS,
 };
 use blockflash::Tier;
 use wgpu::naga;
@@ -114,40 +114,46 @@ fn host_workgroup_budget_matches_the_shaders_declarations() {
 #[test]
 fn backward_workgroup_budget_matches_the_shader_and_fits_the_baseline() {
     // The WebGPU baseline: 16 KiB of workgroup memory, 256 invocations.
-    let limits = wgpu::Limits::downlevel_defaults();
+    let baseline = wgpu::Limits::downlevel_defaults();
+    let big = wgpu::Limits {
+        max_compute_workgroup_storage_size: 1 << 20,
+        max_compute_invocations_per_workgroup: 1024,
+        max_compute_workgroup_size_x: 1024,
+        ..wgpu::Limits::default()
+    };
+    // The baseline, lavapipe's 32 KiB and NVIDIA's 48 KiB.
+    let limits = [16 << 10, 32 << 10, 48 << 10].map(|bytes| wgpu::Limits {
+        max_compute_workgroup_storage_size: bytes,
+        ..baseline.clone()
+    });
     for tier in TIERS {
         let src = backward_module_source(tier.dtype());
-        let big = wgpu::Limits {
-            max_compute_workgroup_storage_size: 1 << 20,
-            max_compute_invocations_per_workgroup: 1024,
-            max_compute_workgroup_size_x: 1024,
-            ..wgpu::Limits::default()
-        };
         for d in blockflash::shape::HEAD_DIMS {
             for c in KernelConfig::candidates(&big, tier, d) {
-                let rows = backward_rows_per_step(&c, &limits)
-                    .unwrap_or_else(|| panic!("{tier} {c:?}: no backward step fits"));
-                let budget = backward_workgroup_bytes(c.tile_cols, d, rows);
-                assert!(budget <= limits.max_compute_workgroup_storage_size as usize);
-                for entry in ["pre", "dkdv", "dq"] {
-                    let constants = [
-                        ("BR", c.tile_rows),
-                        ("BC", c.tile_cols),
-                        ("D", d),
-                        ("THREADS", BACKWARD_THREADS),
-                        ("RS", rows),
-                    ];
-                    // Naga keeps only what the entry point uses: dQ uses everything (it
-                    // walks with common.wgsl's work_item), the others less.
+                let mut specialisations =
+                    vec![("pre", vec![("D", d), ("THREADS", BACKWARD_PRE_THREADS)], 0)];
+                for limits in &limits {
+                    // Short walks and long ones (steps of one tile and of several).
+                    let cases = [("dkdv", BackwardPass::DkDv), ("dq", BackwardPass::Dq)]
+                        .into_iter()
+                        .flat_map(|case| [(case, 1), (case, 64)]);
+                    for ((entry, pass), walk) in cases {
+                        let l = backward_layout(&c, pass, limits, &[walk])
+                            .unwrap_or_else(|| panic!("{tier} {c:?} {entry}: no layout fits"));
+                        assert!(
+                            l.workgroup_bytes()
+                                <= limits.max_compute_workgroup_storage_size as usize
+                        );
+                        let constants = l.constants().map(|(name, v)| (name, v as usize)).to_vec();
+                        specialisations.push((entry, constants, l.workgroup_bytes()));
+                    }
+                }
+                for (entry, constants, budget) in specialisations {
+                    // Naga keeps only what the entry point uses.
                     let declared = declared_bytes(&src, entry, &constants) as usize;
-                    let ok = if entry == "dq" {
-                        declared == budget
-                    } else {
-                        declared <= budget
-                    };
-                    assert!(
-                        ok,
-                        "{tier} {c:?} {entry}: declares {declared}, budget {budget}"
+                    assert_eq!(
+                        declared, budget,
+                        "{tier} {c:?} {entry} {constants:?}: declares {declared}, budget {budget}"
                     );
                     // The WebGPU baseline allows 8 storage buffers per shader stage.
                     let module = specialised(&src, entry, &constants);
