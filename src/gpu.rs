@@ -258,7 +258,7 @@ impl Gpu {
     /// cores for f16 where the device offers them (2.2x the portable f16 kernel on the H100, see
     /// BENCHMARKS.md), else portable f16 (`SHADER_F16`); portable bf16 for bf16 (every device),
     /// portable f32 for f32. A plan whose head dim the tensor-core kernel does not hold (over
-    /// 128) runs portable f16 instead.
+    /// 128) runs portable f16 instead ([`Gpu::tier_for_head_dim`]).
     pub fn tier_for(&self, dtype: DType) -> Result<Tier> {
         match dtype {
             DType::F32 => Ok(Tier::PortableF32),
@@ -268,6 +268,19 @@ impl Gpu {
                 .map(|_| Tier::TensorCore)
                 .or_else(|_| self.supports(Tier::PortableF16).map(|_| Tier::PortableF16)),
         }
+    }
+
+    /// [`Gpu::tier_for`] at head dim `head_dim`: the tier a plan runs when the caller does not
+    /// choose. Where that is the tensor-core tier and its kernel does not hold `head_dim`
+    /// (over 128), portable f16.
+    pub fn tier_for_head_dim(&self, dtype: DType, head_dim: usize) -> Result<Tier> {
+        let tier = self.tier_for(dtype)?;
+        let held =
+            !crate::kernel::KernelConfig::candidates(&self.limits(), tier, head_dim).is_empty();
+        if tier == Tier::TensorCore && !held && self.supports(Tier::PortableF16).is_ok() {
+            return Ok(Tier::PortableF16);
+        }
+        Ok(tier)
     }
 
     /// The tier that runs by default for f16 inputs where the device has one, else f32.

@@ -281,17 +281,7 @@ impl Plan {
                 gpu.supports(t)?;
                 t
             }
-            None => match gpu.tier_for(options.dtype)? {
-                // Head dims the tensor-core kernel does not hold run on the portable f16 kernel.
-                Tier::TensorCore
-                    if KernelConfig::candidates(&limits, Tier::TensorCore, shape.head_dim)
-                        .is_empty()
-                        && gpu.supports(Tier::PortableF16).is_ok() =>
-                {
-                    Tier::PortableF16
-                }
-                t => t,
-            },
+            None => gpu.tier_for_head_dim(options.dtype, shape.head_dim)?,
         };
         if tier.dtype() != options.dtype {
             return Err(Error::TierUnavailable(format!(

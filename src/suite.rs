@@ -172,15 +172,8 @@ pub fn run_case(
     options: &PlanOptions,
     measure: Measure,
 ) -> Result<CaseResult> {
-    let Case {
-        q,
-        k,
-        v,
-        masked,
-        ms_plan,
-        ..
-    } = Case::new(gpu, shape, mask, options, measure.seed, false)?;
-    let buffers = Resident::new(gpu, &masked, &q, &k, &v)?;
+    let case = Case::new(gpu, shape, mask, options, measure.seed, false)?;
+    let buffers = Resident::new(gpu, &case.masked, &case.q, &case.k, &case.v)?;
     let (ms_dense, _) = median_ms(
         gpu,
         &dense_plan(gpu, shape, options)?,
@@ -188,25 +181,16 @@ pub fn run_case(
         WARMUP,
         measure.repeats,
     )?;
-    let (ms_masked, clock) = median_ms(gpu, &masked, &buffers, WARMUP, measure.repeats)?;
+    let (ms_masked, clock) = median_ms(gpu, &case.masked, &buffers, WARMUP, measure.repeats)?;
     buffers.poison(gpu);
-    let out = buffers.run_and_read(gpu, &masked)?;
-    let max_rel_error = sampled_error(
-        &shape,
-        &q,
-        &k,
-        &v,
-        Some(mask),
-        options.scale,
-        &out,
-        measure.samples,
-    );
+    let out = buffers.run_and_read(gpu, &case.masked)?;
+    let max_rel_error = case.output_error(mask, options, &out, measure.samples);
     Ok(case_result(
         name,
-        &masked,
+        &case.masked,
         [ms_dense, ms_masked],
         max_rel_error,
-        ms_plan,
+        case.ms_plan,
         clock,
         None,
     ))
@@ -227,6 +211,7 @@ pub fn run_backward_case(
     measure: Measure,
     dense: Option<FwdBwdMs>,
 ) -> Result<CaseResult> {
+    let case = Case::new(gpu, shape, mask, options, measure.seed, true)?;
     let Case {
         q,
         k,
@@ -234,8 +219,8 @@ pub fn run_backward_case(
         d_o,
         masked,
         ms_plan,
-    } = Case::new(gpu, shape, mask, options, measure.seed, true)?;
-    let buffers = Resident::with_gradient(gpu, &masked, &q, &k, &v, &d_o)?;
+    } = &case;
+    let buffers = Resident::with_gradient(gpu, masked, q, k, v, d_o)?;
     let dense = match dense {
         Some(t) => t,
         None => median_fwd_bwd_ms(
@@ -246,36 +231,27 @@ pub fn run_backward_case(
             measure.repeats,
         )?,
     };
-    let t = median_fwd_bwd_ms(gpu, &masked, &buffers, WARMUP, measure.repeats)?;
+    let t = median_fwd_bwd_ms(gpu, masked, &buffers, WARMUP, measure.repeats)?;
     buffers.poison(gpu);
-    let (out, grads) = buffers.run_backward_and_read(gpu, &masked)?;
-    let max_rel_error = sampled_error(
-        &shape,
-        &q,
-        &k,
-        &v,
-        Some(mask),
-        options.scale,
-        &out,
-        measure.samples,
-    );
+    let (out, grads) = buffers.run_backward_and_read(gpu, masked)?;
+    let max_rel_error = case.output_error(mask, options, &out, measure.samples);
     let grad_errors = sampled_gradient_errors(
         &shape,
-        &q,
-        &k,
-        &v,
+        q,
+        k,
+        v,
         Some(mask),
         options.scale,
-        &d_o,
+        d_o,
         &grads,
         measure.samples,
     );
     Ok(case_result(
         name,
-        &masked,
+        masked,
         [dense.fwd_bwd, t.fwd_bwd],
         max_rel_error,
-        ms_plan,
+        *ms_plan,
         t.clock,
         Some(BackwardResult {
             dense,
@@ -337,6 +313,22 @@ impl Case {
             masked,
             ms_plan,
         })
+    }
+
+    /// Largest relative L2 error of the masked plan's output `out` against the f64 reference on
+    /// `samples` rows ([`sampled_error`]).
+    fn output_error(&self, mask: &Mask, options: &PlanOptions, out: &[f32], samples: usize) -> f64 {
+        let shape = self.masked.shape();
+        sampled_error(
+            &shape,
+            &self.q,
+            &self.k,
+            &self.v,
+            Some(mask),
+            options.scale,
+            out,
+            samples,
+        )
     }
 }
 

@@ -233,7 +233,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         gpu.adapter_info().backend,
         match tier {
             Some(t) => gpu.supports(t).map(|()| t)?,
-            None => gpu.tier_for(dtype)?,
+            None => gpu.tier_for_head_dim(dtype, shape.head_dim)?,
         },
         shape.batch,
         shape.heads,

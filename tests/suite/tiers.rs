@@ -190,6 +190,11 @@ fn tier_choice_follows_dtype_and_refuses_mismatches() {
         if gpu().tier_for(DType::F16).is_ok() {
             let plan = Plan::new(gpu(), Shape::new(1, 1, 40, d), None, f16).unwrap();
             assert_eq!(plan.dtype(), DType::F16);
+            // Tensor cores where they hold d, portable f16 past that.
+            assert_eq!(plan.tier(), gpu().tier_for_head_dim(DType::F16, d).unwrap());
+            if d > 128 {
+                assert_ne!(plan.tier(), Tier::TensorCore);
+            }
         }
     }
     // bf16 needs no feature: every device runs it on the portable bf16 tier.
