@@ -80,6 +80,8 @@ pub struct Gpu {
     queue: wgpu::Queue,
     info: wgpu::AdapterInfo,
     coop_matrix: Vec<wgpu::CooperativeMatrixProperties>,
+    /// The tensor-core tier runs with emulated cooperative matrices (the device has none).
+    emulated_coop: bool,
     lost: Arc<Mutex<Option<String>>>,
     pipelines: PipelineCache,
 }
@@ -177,9 +179,24 @@ impl Gpu {
             queue,
             info,
             coop_matrix,
+            emulated_coop: false,
             lost,
             pipelines: PipelineCache::default(),
         }
+    }
+
+    /// This device with the tensor-core tier's cooperative-matrix operations emulated in plain
+    /// WGSL where the device has none (on a device with them, it changes nothing).
+    ///
+    /// For testing: the tensor-core kernel's tiling, masking and softmax then run, and can be
+    /// checked against the reference, on any device with `SHADER_F16` (lavapipe included),
+    /// far slower than either real tier. The emulation's products go through workgroup
+    /// memory, so [`Gpu::limits`] reports 8 KiB less of it.
+    pub fn with_tensor_core_emulation(mut self) -> Gpu {
+        self.emulated_coop = !self
+            .features()
+            .contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX);
+        self
     }
 
     /// The wgpu device.
@@ -199,7 +216,13 @@ impl Gpu {
 
     /// The limits the device was created with.
     pub fn limits(&self) -> wgpu::Limits {
-        self.device.limits()
+        let mut limits = self.device.limits();
+        if self.emulated_coop {
+            // the emulation's scratch for the largest tensor-core workgroup (128 invocations)
+            limits.max_compute_workgroup_storage_size -=
+                (128 * crate::coop_emulation::SCRATCH_BYTES_PER_INVOCATION) as u32;
+        }
+        limits
     }
 
     /// The features the device was created with.
@@ -236,11 +259,12 @@ impl Gpu {
             )),
             Tier::TensorCore => {
                 let has = f.contains(wgpu::Features::SHADER_F16)
-                    && self.coop_matrix.iter().any(|c| {
-                        (c.m_size, c.n_size, c.k_size) == (16, 16, 16)
-                            && c.ab_type == wgpu::CooperativeScalarType::F16
-                            && c.cr_type == wgpu::CooperativeScalarType::F32
-                    });
+                    && (self.emulated_coop
+                        || self.coop_matrix.iter().any(|c| {
+                            (c.m_size, c.n_size, c.k_size) == (16, 16, 16)
+                                && c.ab_type == wgpu::CooperativeScalarType::F16
+                                && c.cr_type == wgpu::CooperativeScalarType::F32
+                        }));
                 if has {
                     Ok(())
                 } else {

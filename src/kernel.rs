@@ -121,6 +121,17 @@ pub fn module_source(tier: Tier, subgroups: bool) -> String {
     }
 }
 
+/// The tensor-core module with its cooperative-matrix operations emulated in plain WGSL (see
+/// [`crate::Gpu::with_tensor_core_emulation`]); its workgroup memory is the kernel's plus
+/// [`EMULATION_BYTES_PER_INVOCATION`] per invocation.
+pub fn emulated_tensor_core_source() -> String {
+    crate::coop_emulation::emulated(&module_source(Tier::TensorCore, false))
+}
+
+/// Workgroup memory the emulated tensor-core module adds per invocation.
+pub const EMULATION_BYTES_PER_INVOCATION: usize =
+    crate::coop_emulation::SCRATCH_BYTES_PER_INVOCATION;
+
 /// The prologue of storage type `dtype`: `Elem4` (four elements of Q, K, V, O or a gradient),
 /// `load4` (widen to `vec4<f32>`) and `pack4` (round to the storage type), with f16 enabled
 /// where needed and `Elem` (the element type) for f32 and f16.
@@ -725,12 +736,17 @@ impl PipelineCache {
             .modules
             .entry(variant.config.tier)
             .or_insert_with(|| {
-                let subgroups = device.features().contains(wgpu::Features::SUBGROUP);
-                trusted_module(
-                    device,
-                    "blockflash attention",
-                    module_source(variant.config.tier, subgroups),
-                )
+                let features = device.features();
+                let subgroups = features.contains(wgpu::Features::SUBGROUP);
+                let mut source = module_source(variant.config.tier, subgroups);
+                // A tensor-core plan on a device without cooperative matrices comes from a Gpu
+                // that emulates them (Gpu::with_tensor_core_emulation).
+                if variant.config.tier == Tier::TensorCore
+                    && !features.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX)
+                {
+                    source = emulated_tensor_core_source();
+                }
+                trusted_module(device, "blockflash attention", source)
             })
             .clone();
         let (bgl, layout) = c

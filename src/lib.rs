@@ -21,6 +21,7 @@
 //! ```
 
 pub mod block_mask;
+mod coop_emulation;
 pub mod error;
 pub mod gpu;
 pub mod kernel;

@@ -58,6 +58,17 @@ pub fn gpu() -> &'static Gpu {
     })
 }
 
+/// The test device with the tensor-core tier's cooperative matrices emulated where it has
+/// none (see `Gpu::with_tensor_core_emulation`).
+pub fn emulated_gpu() -> &'static Gpu {
+    static GPU: OnceLock<Gpu> = OnceLock::new();
+    GPU.get_or_init(|| {
+        Gpu::new()
+            .unwrap_or_else(|e| panic!("tests need a GPU adapter: {e}"))
+            .with_tensor_core_emulation()
+    })
+}
+
 /// A device whose storage bindings hold only 64 KiB, so that the host forms split the work
 /// over batch elements and key/value heads.
 pub fn small_binding_gpu() -> Gpu {
@@ -242,12 +253,24 @@ pub fn check_case(
     mask: Option<&Mask>,
     opts: blockflash::PlanOptions,
 ) -> blockflash::Path {
+    check_case_on(gpu(), what, rng, shape, mask, opts)
+}
+
+/// [`check_case`] on device `g`.
+pub fn check_case_on(
+    g: &Gpu,
+    what: &str,
+    rng: &mut Rng,
+    shape: Shape,
+    mask: Option<&Mask>,
+    opts: blockflash::PlanOptions,
+) -> blockflash::Path {
     let e = opts.dtype;
     let (q, k, v) = inputs(rng, &shape);
     let (q, k, v) = (rounded(e, q), rounded(e, k), rounded(e, v));
-    let plan = Plan::new(gpu(), shape, mask, opts.clone())
+    let plan = Plan::new(g, shape, mask, opts.clone())
         .unwrap_or_else(|err| panic!("{what}: plan failed: {err}"));
-    let got = run_poisoned(&plan, &q, &k, &v);
+    let got = run_poisoned_on(g, &plan, &q, &k, &v);
     let want = reference::attention(&shape, &q, &k, &v, mask, opts.scale).expect("reference");
     let tier = plan.tier();
     assert_close(

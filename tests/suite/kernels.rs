@@ -4,8 +4,8 @@
 //! backward kernels alike.
 
 use blockflash::kernel::{
-    backward_layout, backward_module_source, module_source, BackwardPass, KernelConfig,
-    BACKWARD_PRE_THREADS,
+    backward_layout, backward_module_source, emulated_tensor_core_source, module_source,
+    BackwardPass, KernelConfig, BACKWARD_PRE_THREADS, EMULATION_BYTES_PER_INVOCATION,
 };
 use blockflash::Tier;
 use wgpu::naga;
@@ -106,6 +106,20 @@ fn host_workgroup_budget_matches_the_shaders_declarations() {
                     "{tier} {c:?}: the shader declares {declared} bytes, the host budgets {}",
                     c.workgroup_bytes()
                 );
+                if tier == Tier::TensorCore {
+                    // Gpu::with_tensor_core_emulation leaves room for 128 invocations' scratch.
+                    let constants = [
+                        ("BR", c.tile_rows),
+                        ("BC", c.tile_cols),
+                        ("D", c.head_dim),
+                        ("THREADS", c.threads()),
+                    ];
+                    let emulated =
+                        declared_bytes(&emulated_tensor_core_source(), "main", &constants);
+                    let scratch = c.threads() * EMULATION_BYTES_PER_INVOCATION;
+                    assert!(c.threads() <= 128, "{c:?}: over the emulation's room");
+                    assert_eq!(emulated as usize, c.workgroup_bytes() + scratch, "{c:?}");
+                }
             }
         }
     }

@@ -9,7 +9,9 @@ use blockflash::kernel::{DType, KernelConfig};
 use blockflash::suite::{family_mask, FAMILIES};
 use blockflash::{Error, Mask, Path, Plan, PlanOptions, Reorder, Shape, Tier};
 
-use crate::common::{check_case, gpu, shuffled_band, Rng};
+use blockflash::Gpu;
+
+use crate::common::{check_case_on, emulated_gpu, gpu, shuffled_band, Rng};
 
 fn tier_or_skip(tier: Tier) -> bool {
     match gpu().supports(tier) {
@@ -32,7 +34,7 @@ fn opts(tier: Tier, path: Option<Path>) -> PlanOptions {
     }
 }
 
-fn every_path_on_every_family(tier: Tier) {
+fn every_path_on_every_family(g: &Gpu, tier: Tier) {
     let mut rng = Rng::fresh(&format!("{tier} families"));
     let seq = 200;
     let shape = Shape {
@@ -46,12 +48,13 @@ fn every_path_on_every_family(tier: Tier) {
     for name in FAMILIES {
         let mask = family_mask(name, seq, rng.next_u64()).unwrap();
         for path in [Path::Dense, Path::RunLength, Path::Sparse] {
-            match Plan::new(gpu(), shape, Some(&mask), opts(tier, Some(path))) {
+            match Plan::new(g, shape, Some(&mask), opts(tier, Some(path))) {
                 Err(Error::PathNotEligible(_)) => continue,
                 Err(e) => panic!("{name} {path}: {e}"),
                 Ok(_) => {}
             }
-            check_case(
+            check_case_on(
+                g,
                 &format!("{name} {path}"),
                 &mut rng,
                 shape,
@@ -60,13 +63,13 @@ fn every_path_on_every_family(tier: Tier) {
             );
         }
     }
-    check_case("no mask", &mut rng, shape, None, opts(tier, None));
+    check_case_on(g, "no mask", &mut rng, shape, None, opts(tier, None));
 }
 
-fn shapes_head_dims_and_splits(tier: Tier) {
+fn shapes_head_dims_and_splits(g: &Gpu, tier: Tier) {
     let mut rng = Rng::fresh(&format!("{tier} shapes"));
     for d in blockflash::shape::HEAD_DIMS {
-        if KernelConfig::candidates(&gpu().limits(), tier, d).is_empty() {
+        if KernelConfig::candidates(&g.limits(), tier, d).is_empty() {
             // The automatic plan runs such head dims on another tier (see the test below).
             let why = "no tile of this tier fits the adapter's limits";
             writeln!(std::io::stderr(), "SKIPPED {tier} at d={d}: {why}").ok();
@@ -82,14 +85,16 @@ fn shapes_head_dims_and_splits(tier: Tier) {
                 head_dim: d,
             };
             let mask = Mask::causal(nq, nk).unwrap();
-            check_case(
+            check_case_on(
+                g,
                 &format!("d={d} {nq}x{nk}"),
                 &mut rng,
                 shape,
                 Some(&mask),
                 opts(tier, None),
             );
-            check_case(
+            check_case_on(
+                g,
                 &format!("d={d} {nq}x{nk} dense"),
                 &mut rng,
                 shape,
@@ -105,13 +110,14 @@ fn shapes_head_dims_and_splits(tier: Tier) {
         max_tiles_per_workgroup: Some(2),
         ..opts(tier, None)
     };
-    check_case("split-KV", &mut rng, shape, Some(&longformer), split);
+    check_case_on(g, "split-KV", &mut rng, shape, Some(&longformer), split);
     let per_batch = Mask::per_batch(vec![
         family_mask("documents", seq, 1).unwrap(),
         family_mask("tree", seq, 1).unwrap(),
     ])
     .unwrap();
-    check_case(
+    check_case_on(
+        g,
         "per-batch",
         &mut rng,
         shape,
@@ -123,49 +129,64 @@ fn shapes_head_dims_and_splits(tier: Tier) {
         reorder: Reorder::On,
         ..opts(tier, None)
     };
-    check_case("rcm", &mut rng, shape, Some(&shuffled), rcm);
+    check_case_on(g, "rcm", &mut rng, shape, Some(&shuffled), rcm);
 }
 
 #[test]
 fn portable_f16_matches_reference_on_every_path_and_family() {
     if tier_or_skip(Tier::PortableF16) {
-        every_path_on_every_family(Tier::PortableF16);
+        every_path_on_every_family(gpu(), Tier::PortableF16);
     }
 }
 
 #[test]
 fn portable_f16_matches_reference_on_head_dims_lengths_splits_and_reordering() {
     if tier_or_skip(Tier::PortableF16) {
-        shapes_head_dims_and_splits(Tier::PortableF16);
+        shapes_head_dims_and_splits(gpu(), Tier::PortableF16);
     }
 }
 
 #[test]
 fn portable_bf16_matches_reference_on_every_path_and_family() {
     if tier_or_skip(Tier::PortableBf16) {
-        every_path_on_every_family(Tier::PortableBf16);
+        every_path_on_every_family(gpu(), Tier::PortableBf16);
     }
 }
 
 #[test]
 fn portable_bf16_matches_reference_on_head_dims_lengths_splits_and_reordering() {
     if tier_or_skip(Tier::PortableBf16) {
-        shapes_head_dims_and_splits(Tier::PortableBf16);
+        shapes_head_dims_and_splits(gpu(), Tier::PortableBf16);
     }
 }
 
 #[test]
 fn tensor_core_matches_reference_on_every_path_and_family() {
     if tier_or_skip(Tier::TensorCore) {
-        every_path_on_every_family(Tier::TensorCore);
+        every_path_on_every_family(gpu(), Tier::TensorCore);
     }
 }
 
 #[test]
 fn tensor_core_matches_reference_on_head_dims_lengths_splits_and_reordering() {
     if tier_or_skip(Tier::TensorCore) {
-        shapes_head_dims_and_splits(Tier::TensorCore);
+        shapes_head_dims_and_splits(gpu(), Tier::TensorCore);
     }
+}
+
+/// Where the adapter has no cooperative matrices (lavapipe), the tensor-core kernel's tiles,
+/// masks and online softmax still run, with its matrix products emulated in WGSL.
+#[test]
+fn tensor_core_kernel_logic_matches_reference_with_emulated_products() {
+    let g = emulated_gpu();
+    if g.supports(Tier::TensorCore).is_err() {
+        panic!(
+            "emulated tensor cores need SHADER_F16, which {} lacks",
+            g.adapter_info().name
+        );
+    }
+    every_path_on_every_family(g, Tier::TensorCore);
+    shapes_head_dims_and_splits(g, Tier::TensorCore);
 }
 
 #[test]
