@@ -6,21 +6,38 @@
 //
 // BR / 16 subgroups of 32 threads (THREADS = 2 BR); subgroup w computes query rows
 // [16 w, 16 w + 16) of the tile and keeps their Q fragments and O accumulators in registers
-// (D <= 16 * DT_CAP). For the softmax, threads 2r and 2r+1 own row r, half of its BC columns
-// each.
+// (D <= 16 * DT_CAP). For the softmax, threads 2r and 2r+1 own row r: columns 2j and 2j+1 of
+// it, and each takes the max over the whole row, so no thread waits for another's half.
 //
 // Lazy rescaling: P = exp2(S - m) with a per-row reference max m that moves only when some row's
 // tile max exceeds its m by more than RESCALE_GAP, so P <= 2^RESCALE_GAP stays well inside f16.
 // Only then do the accumulators go through workgroup memory to be rescaled by the threads; after
 // the first key tiles of a row that is rare.
 //
+// K and V pipeline: one K buffer and two V buffers in workgroup memory. Right after S of tile t
+// is computed, K of tile t+1 is written over K of tile t and V of tile t+1 into the V buffer
+// that tile t-1 used; with PREFETCH, tile t+1 was fetched from global memory into registers one
+// tile earlier, so the loads overlap a whole tile of work (the host sets it where a thread's
+// share is at most KV_CAP vec4 per K or V: more registers spill; without it the next tile is
+// copied straight from global memory at the same point). Three barriers per tile: S stored,
+// the rescale flag read, P and the next K/V written.
+//
 // Workgroup memory: tiles with padded rows (16 bytes) against bank conflicts; f_sh holds S each
-// key tile and O when rescaling and at the end. Every workgroup variable here is an array: on the
-// H100's Vulkan driver (580.159) a scalar workgroup variable beside the cooperative-matrix tiles
-// corrupted the results, so the rescale flag lives in the last slot of `red`.
+// key tile and O when rescaling and at the end; the Q tile passes through the K/V buffers first.
+// Every workgroup variable here is an array: on the H100's Vulkan driver (580.159) a scalar
+// workgroup variable beside the cooperative-matrix tiles corrupted the results, so the rescale
+// flag lives in a slot of `red`.
+//
+// The host builds this module without wgpu's bounds checks (see kernel.rs): with them, every
+// index into the register arrays below is clamped and the driver keeps those arrays in local
+// memory (the kernel ran 9x slower on the H100).
+
+override PREFETCH: bool = false;
 
 const DT_CAP: u32 = 8u;        // max D / 16
+const KT_CAP: u32 = 4u;        // max BC / 16
 const HALF_CAP: u32 = 32u;     // max BC / 2
+const KV_CAP: u32 = 4u;        // max BC * D / 4 / THREADS with PREFETCH
 const RESCALE_GAP: f32 = 8.0;
 
 @group(0) @binding(1) var<storage, read> q_buf: array<f16>;
@@ -28,38 +45,70 @@ const RESCALE_GAP: f32 = 8.0;
 @group(0) @binding(3) var<storage, read> v_buf: array<vec4<f16>>;
 @group(0) @binding(7) var<storage, read> bits_buf: array<u32>;
 
-// The forward kernels read mask bits from their own binding.
 fn mask_word(i: u32) -> u32 {
     return bits_buf[i];
 }
 
-var<workgroup> q_sh: array<f16, BR * (D + 8u)>;
-var<workgroup> kv_sh: array<f16, BC * (D + 8u)>;
-var<workgroup> f_sh: array<f32, BR * (max(BC, D) + 4u)>;
+// K, then the V buffers of even and odd steps; rows padded by 8.
+var<workgroup> kv_sh: array<f16, 3u * BC * (D + 8u)>;
 var<workgroup> p_sh: array<f16, BR * (BC + 8u)>;
-// row max partials, row sum partials, then the rescale flag at 4 BR
-var<workgroup> red: array<f32, 4u * BR + 4u>;
+var<workgroup> f_sh: array<f32, BR * (max(BC, D) + 4u)>;
+// l partials at the end; the rescale flag at 2 BR
+var<workgroup> red: array<f32, 2u * BR + 4u>;
 
-// Loads keys [key0, key0 + BC) of one K or V head into kv_sh (zeros past the end).
-fn load_kv(from_v: bool, head_base: u32, key0: u32, lid: u32) {
-    for (var e = lid; e < BC * (D / 4u); e += THREADS) {
-        let r = e / (D / 4u);
-        let c = (e % (D / 4u)) * 4u;
-        var val = vec4<f16>(0.0);
-        if (key0 + r < P.seq_k) {
-            let g = head_base / 4u + token(key0 + r) * (D / 4u) + c / 4u;
-            if (from_v) {
-                val = v_buf[g];
-            } else {
-                val = k_buf[g];
-            }
-        }
-        let s = r * (D + 8u) + c;
-        kv_sh[s] = val.x;
-        kv_sh[s + 1u] = val.y;
-        kv_sh[s + 2u] = val.z;
-        kv_sh[s + 3u] = val.w;
+// Keys [key0, key0 + BC) of one K or V head, as this thread's share (zeros past the end).
+fn fetch(from_v: bool, head_base: u32, key0: u32, lid: u32) -> array<vec4<f16>, KV_CAP> {
+    var regs: array<vec4<f16>, KV_CAP>;
+    for (var i = 0u; i < min(BC * D / 4u / THREADS, KV_CAP); i++) {
+        regs[i] = kv_elem4(from_v, head_base, key0, lid + i * THREADS);
     }
+    return regs;
+}
+
+// Writes a fetched share into the buffer at `base` of kv_sh.
+fn put(regs: array<vec4<f16>, KV_CAP>, base: u32, lid: u32) {
+    for (var i = 0u; i < min(BC * D / 4u / THREADS, KV_CAP); i++) {
+        put4(regs[i], base, lid + i * THREADS);
+    }
+}
+
+// Copies keys [key0, key0 + BC) of one K or V head into the buffer at `base` (no PREFETCH).
+fn copy_kv(from_v: bool, head_base: u32, key0: u32, base: u32, lid: u32) {
+    for (var e = lid; e < BC * (D / 4u); e += THREADS) {
+        put4(kv_elem4(from_v, head_base, key0, e), base, e);
+    }
+}
+
+// Element e (four values) of a K or V tile: row e / (D / 4) of it.
+fn kv_elem4(from_v: bool, head_base: u32, key0: u32, e: u32) -> vec4<f16> {
+    let r = e / (D / 4u);
+    if (key0 + r >= P.seq_k) {
+        return vec4<f16>(0.0);
+    }
+    let g = head_base / 4u + token(key0 + r) * (D / 4u) + e % (D / 4u);
+    if (from_v) {
+        return v_buf[g];
+    }
+    return k_buf[g];
+}
+
+fn put4(val: vec4<f16>, base: u32, e: u32) {
+    let s = base + (e / (D / 4u)) * (D + 8u) + (e % (D / 4u)) * 4u;
+    kv_sh[s] = val.x;
+    kv_sh[s + 1u] = val.y;
+    kv_sh[s + 2u] = val.z;
+    kv_sh[s + 3u] = val.w;
+}
+
+// Mask word `wi` (keys key0 + 32 wi ..) of row r in tile t; all ones for full tiles.
+fn row_word(t: Tile, it: Item, r: u32, key0: u32, wi: u32) -> u32 {
+    if (t.state == 1u) {
+        return mask_word(t.slot * BR * (BC / 32u) + r * (BC / 32u) + wi);
+    }
+    if (t.state == 3u && key0 + 32u * wi < P.seq_k && it.qt * BR + r < P.seq_q) {
+        return mask_word(it.b * P.mask_batch_stride + (it.qt * BR + r) * P.words_per_row + key0 / 32u + wi);
+    }
+    return 0xffffffffu;
 }
 
 @compute @workgroup_size(THREADS)
@@ -82,16 +131,15 @@ fn main(
         if (q0 + row < P.seq_q) {
             val = q_buf[q_head + token(q0 + row) * D + e % D];
         }
-        q_sh[row * (D + 8u) + e % D] = val;
+        kv_sh[row * (D + 8u) + e % D] = val;
     }
     if (lid == 0u) {
-        red[4u * BR] = 0.0;
+        red[2u * BR] = 0.0;
     }
     workgroupBarrier();
-    // Q fragments of this subgroup's rows, loaded once.
     var qa: array<coop_mat16x16<f16, A>, DT_CAP>;
     for (var kk = 0u; kk < D / 16u; kk++) {
-        qa[kk] = coopLoadT<coop_mat16x16<f16, A>>(&q_sh[sg * 16u * (D + 8u) + kk * 16u], D + 8u);
+        qa[kk] = coopLoadT<coop_mat16x16<f16, A>>(&kv_sh[sg * 16u * (D + 8u) + kk * 16u], D + 8u);
     }
     var acc: array<coop_mat16x16<f32, C>, DT_CAP>;
     for (var n = 0u; n < D / 16u; n++) {
@@ -101,108 +149,150 @@ fn main(
     var l_i = 0.0;
     let kv_head = (it.b * (P.heads / P.group) + hk) * P.seq_k * D;
     var sv: array<f32, HALF_CAP>;
+    var pa: array<coop_mat16x16<f16, A>, KT_CAP>;
+    let kvt = BC * (D + 8u);
+
+    // The first tile straight in (once every subgroup has its Q), the second into registers.
+    var kr: array<vec4<f16>, KV_CAP>;
+    var vr: array<vec4<f16>, KV_CAP>;
+    if (PREFETCH && it.first < it.end) {
+        let key0 = tile_at(it.first, it).kt * BC;
+        kr = fetch(false, kv_head, key0, lid);
+        vr = fetch(true, kv_head, key0, lid);
+    }
+    workgroupBarrier();
+    if (PREFETCH) {
+        put(kr, 0u, lid);
+        put(vr, kvt, lid);
+    } else if (it.first < it.end) {
+        let key0 = tile_at(it.first, it).kt * BC;
+        copy_kv(false, kv_head, key0, 0u, lid);
+        copy_kv(true, kv_head, key0, kvt, lid);
+    }
+    if (PREFETCH && it.first + 1u < it.end) {
+        let key0 = tile_at(it.first + 1u, it).kt * BC;
+        kr = fetch(false, kv_head, key0, lid);
+        vr = fetch(true, kv_head, key0, lid);
+    }
+    workgroupBarrier();
 
     for (var pos = it.first; pos < it.end; pos++) {
         let t = tile_at(pos, it);
         let key0 = t.kt * BC;
-
-        workgroupBarrier();
-        load_kv(false, kv_head, key0, lid);
-        workgroupBarrier();
-        // S rows of this subgroup: K^T is K read column-major.
+        let vb = kvt * (1u + (pos - it.first) % 2u);
         for (var n = 0u; n < BC / 16u; n++) {
             var c = coop_mat16x16<f32, C>();
             for (var kk = 0u; kk < D / 16u; kk++) {
                 let b = coopLoad<coop_mat16x16<f16, B>>(&kv_sh[n * 16u * (D + 8u) + kk * 16u], D + 8u);
                 c = coopMultiplyAdd(qa[kk], b, c);
             }
-            coopStoreT(c, &f_sh[sg * 16u * (max(BC, D) + 4u) + n * 16u], (max(BC, D) + 4u));
+            coopStoreT(c, &f_sh[sg * 16u * (max(BC, D) + 4u) + n * 16u], max(BC, D) + 4u);
         }
         workgroupBarrier();
-        load_kv(true, kv_head, key0, lid);
+        // K of the next tile over this one's, V into the other V buffer; with PREFETCH, fetch
+        // the tile after it.
+        let vb_next = kvt * (1u + (pos + 1u - it.first) % 2u);
+        if (PREFETCH) {
+            if (pos + 1u < it.end) {
+                put(kr, 0u, lid);
+                put(vr, vb_next, lid);
+            }
+            if (pos + 2u < it.end) {
+                let key2 = tile_at(pos + 2u, it).kt * BC;
+                kr = fetch(false, kv_head, key2, lid);
+                vr = fetch(true, kv_head, key2, lid);
+            }
+        } else if (pos + 1u < it.end) {
+            let key1 = tile_at(pos + 1u, it).kt * BC;
+            copy_kv(false, kv_head, key1, 0u, lid);
+            copy_kv(true, kv_head, key1, vb_next, lid);
+        }
 
-        // Scale into log2 units, mask, and this thread's half-row max.
+        // Scale into log2 units and mask; this thread's columns are 2j + half, the max runs
+        // over the whole row.
         let masked = key0 + BC > P.seq_k || t.state != 2u;
+        var words = array<u32, 2>(0xffffffffu, 0xffffffffu);
+        if (masked) {
+            for (var wi = 0u; wi < BC / 32u; wi++) {
+                words[wi] = row_word(t, it, r, key0, wi);
+            }
+        }
         var mx = NEG;
-        for (var j = 0u; j < BC / 2u; j++) {
-            let col = half * (BC / 2u) + j;
+        for (var j = 0u; j < BC; j++) {
+            let col = 2u * (j % (BC / 2u)) + (half ^ (j / (BC / 2u)));
             let key = key0 + col;
             var x = f_sh[r * (max(BC, D) + 4u) + col] * P.scale_log2;
-            if (masked && (key >= P.seq_k || q0 + r >= P.seq_q || !allowed(t, it, r, key))) {
+            if (masked && (key >= P.seq_k || q0 + r >= P.seq_q || ((words[col / 32u] >> (col % 32u)) & 1u) == 0u)) {
                 x = NEG;
             }
-            sv[j] = x;
+            if (j < BC / 2u) {
+                sv[j] = x;
+            }
             mx = max(mx, x);
         }
-        red[lid] = mx;
-        workgroupBarrier();
-        // Lazy rescale: raise the flag if this row's max ran away from its reference.
-        let m_tile = max(red[2u * r], red[2u * r + 1u]);
-        if (m_tile > m_i + RESCALE_GAP) {
-            red[4u * BR] = 1.0;
+        if (mx > m_i + RESCALE_GAP) {
+            red[2u * BR] = 1.0;
         }
-        let resc = workgroupUniformLoad(&red[4u * BR]) != 0.0;
+        let resc = workgroupUniformLoad(&red[2u * BR]) != 0.0;
         var m_new = m_i;
         if (resc) {
-            m_new = max(m_i, m_tile);
+            m_new = max(m_i, mx);
         }
         var ps = 0.0;
         for (var j = 0u; j < BC / 2u; j++) {
-            // written so that a NaN score stays NaN (inputs with NaN propagate it)
             let p = select(exp2(sv[j] - m_new), 0.0, sv[j] <= NEG_CUT);
-            p_sh[r * (BC + 8u) + half * (BC / 2u) + j] = f16(p);
+            p_sh[r * (BC + 8u) + 2u * j + half] = f16(p);
             ps += p;
         }
-        red[2u * BR + lid] = ps;
         if (resc) {
             let alpha = exp2(m_i - m_new);
             l_i *= alpha;
             for (var n = 0u; n < D / 16u; n++) {
-                coopStoreT(acc[n], &f_sh[sg * 16u * (max(BC, D) + 4u) + n * 16u], (max(BC, D) + 4u));
+                coopStoreT(acc[n], &f_sh[sg * 16u * (max(BC, D) + 4u) + n * 16u], max(BC, D) + 4u);
             }
             workgroupBarrier();
-            for (var c = half * (D / 2u); c < (half + 1u) * (D / 2u); c++) {
+            for (var c = half; c < D; c += 2u) {
                 f_sh[r * (max(BC, D) + 4u) + c] *= alpha;
             }
             workgroupBarrier();
             for (var n = 0u; n < D / 16u; n++) {
-                acc[n] = coopLoadT<coop_mat16x16<f32, C>>(&f_sh[sg * 16u * (max(BC, D) + 4u) + n * 16u], (max(BC, D) + 4u));
+                acc[n] = coopLoadT<coop_mat16x16<f32, C>>(&f_sh[sg * 16u * (max(BC, D) + 4u) + n * 16u], max(BC, D) + 4u);
             }
         }
         m_i = m_new;
+        l_i += ps;
         workgroupBarrier();
-        // Everyone has read the flag (and P and the row sums are published): lower it.
         if (lid == 0u) {
-            red[4u * BR] = 0.0;
+            red[2u * BR] = 0.0;
         }
-        l_i += red[2u * BR + 2u * r] + red[2u * BR + 2u * r + 1u];
 
-        // O rows of this subgroup += P V.
+        for (var kk = 0u; kk < BC / 16u; kk++) {
+            pa[kk] = coopLoadT<coop_mat16x16<f16, A>>(&p_sh[sg * 16u * (BC + 8u) + kk * 16u], BC + 8u);
+        }
         for (var n = 0u; n < D / 16u; n++) {
             for (var kk = 0u; kk < BC / 16u; kk++) {
-                let a = coopLoadT<coop_mat16x16<f16, A>>(&p_sh[sg * 16u * (BC + 8u) + kk * 16u], BC + 8u);
-                let b = coopLoadT<coop_mat16x16<f16, B>>(&kv_sh[kk * 16u * (D + 8u) + n * 16u], D + 8u);
-                acc[n] = coopMultiplyAdd(a, b, acc[n]);
+                let b = coopLoadT<coop_mat16x16<f16, B>>(&kv_sh[vb + kk * 16u * (D + 8u) + n * 16u], D + 8u);
+                acc[n] = coopMultiplyAdd(pa[kk], b, acc[n]);
             }
         }
     }
-    // O through workgroup memory to the threads that own its rows.
     workgroupBarrier();
+    red[lid] = l_i;
     for (var n = 0u; n < D / 16u; n++) {
-        coopStoreT(acc[n], &f_sh[sg * 16u * (max(BC, D) + 4u) + n * 16u], (max(BC, D) + 4u));
+        coopStoreT(acc[n], &f_sh[sg * 16u * (max(BC, D) + 4u) + n * 16u], max(BC, D) + 4u);
     }
     workgroupBarrier();
+    let l_row = red[2u * r] + red[2u * r + 1u];
 
-    // Normalise and store; rows with no allowed key give O = 0 and LSE = -inf.
     if (q0 + r < P.seq_q) {
-        let inv = select(0.0, 1.0 / l_i, l_i > 0.0);
+        let inv = select(0.0, 1.0 / l_row, l_row > 0.0);
         let dest = dest_row(it, r);
         for (var c = half * (D / 2u); c < (half + 1u) * (D / 2u); c += 4u) {
             let o = r * (max(BC, D) + 4u) + c;
             store_o4(it, dest, c, vec4<f32>(f_sh[o], f_sh[o + 1u], f_sh[o + 2u], f_sh[o + 3u]) * inv);
         }
         if (half == 0u) {
-            store_lse(it, dest, m_i, l_i);
+            store_lse(it, dest, m_i, l_row);
         }
     }
 }

@@ -470,12 +470,16 @@ const PORTABLE: [(usize, usize, usize, usize); 8] = [
     (8, 32, 8, 8),
 ];
 
-/// Tensor-core tile shapes (rows, cols), fastest first. Tiles of 64 keys measured slower on the
-/// H100 at every shape (d = 64: 64x64 0.66x of 64x32, 32x64 0.66x of 32x32; d = 128: 32x64
-/// 0.38x of 32x32; see BENCHMARKS.md), so the kernel walks 32 keys at a time.
+/// Tensor-core tile shapes (rows, cols), fastest first. The kernel walks 32 keys at a time:
+/// with its three K/V buffers, 64-key tiles do not fit 48 KiB of workgroup memory at d = 64,
+/// and they measured slower with its earlier single-buffer form (see BENCHMARKS.md).
 const TENSOR_CORE: [(usize, usize); 3] = [(64, 32), (32, 32), (16, 32)];
 /// Most head-dim blocks of 16 the tensor-core kernel holds in registers (its DT_CAP).
 const TENSOR_CORE_DT_CAP: usize = 8;
+/// Most vec4 of a K or V tile per thread for which the tensor-core kernel fetches a tile ahead
+/// into registers (its KV_CAP): d = 64 at 64x32 (4) ran 1.7x faster with it on the H100; at
+/// d = 128, 32x32 (16 per thread) the registers spilled and it ran 5x slower.
+const TENSOR_CORE_PREFETCH_MAX: usize = 4;
 
 /// Workgroup memory of common.wgsl's `walk` (vec4<u32>) and `span` (vec2<u32>).
 const WALK_BYTES: usize = 24;
@@ -489,14 +493,13 @@ impl KernelConfig {
             Tier::PortableF32 | Tier::PortableF16 | Tier::PortableBf16 => {
                 4 * (br * d + bc * (self.dc + 4) + br * bc + 2 * br * self.tx) + WALK_BYTES
             }
-            // q_sh, kv_sh (f16, rows padded by 8); f_sh (f32, rows of max(bc, d) + 4);
-            // p_sh (f16, rows padded by 8); red (4 br + 4 f32); walk
+            // kv_sh (three f16 tiles of bc rows padded by 8); p_sh (f16, rows padded by 8);
+            // f_sh (f32, rows of max(bc, d) + 4); red (2 br + 4 f32); walk
             Tier::TensorCore => {
-                2 * br * (d + 8)
-                    + 2 * bc * (d + 8)
-                    + 4 * br * (bc.max(d) + 4)
+                2 * 3 * bc * (d + 8)
                     + 2 * br * (bc + 8)
-                    + 4 * (4 * br + 4)
+                    + 4 * br * (bc.max(d) + 4)
+                    + 4 * (2 * br + 4)
                     + WALK_BYTES
             }
         }
@@ -505,6 +508,15 @@ impl KernelConfig {
     /// Invocations per workgroup.
     pub fn threads(&self) -> usize {
         self.tx * self.ty
+    }
+
+    /// Whether the tensor-core kernel fetches the next K and V tile into registers a tile
+    /// ahead (its PREFETCH constant).
+    pub fn prefetch(&self) -> bool {
+        let share = self.tile_cols * self.head_dim / 4;
+        self.tier == Tier::TensorCore
+            && share.is_multiple_of(self.threads())
+            && share / self.threads() <= TENSOR_CORE_PREFETCH_MAX
     }
 
     fn valid(&self, limits: &wgpu::Limits) -> bool {
@@ -524,6 +536,8 @@ impl KernelConfig {
                 && br.is_multiple_of(16)
                 && bc.is_multiple_of(32)
                 && bc / 2 <= HALF_CAP
+                && bc <= 64
+                && br <= 3 * bc
                 && d.is_multiple_of(16)
                 && d / 16 <= TENSOR_CORE_DT_CAP
                 && (tx, ty, dc) == (2, br, d);
@@ -654,11 +668,22 @@ struct CacheInner {
     backward: HashMap<BackwardVariant, (wgpu::ComputePipeline, wgpu::BindGroupLayout)>,
 }
 
-/// A shader module from blockflash's own WGSL, without wgpu's loop bounding.
-fn trusted_module(device: &wgpu::Device, label: &str, source: String) -> wgpu::ShaderModule {
+/// A shader module from blockflash's own WGSL, without wgpu's loop bounding and, where
+/// `bounds_checks` is false, without the index clamping that wgpu adds to it.
+fn trusted_module(
+    device: &wgpu::Device,
+    label: &str,
+    source: String,
+    bounds_checks: bool,
+) -> wgpu::ShaderModule {
     // SAFETY: every loop of the kernels has a finite trip count (bounds come from override
     // constants and block-mask tables the host built), so wgpu's loop bounding only blocks the
-    // driver from unrolling; bounds checks stay on.
+    // driver from unrolling. Without bounds checks (the tensor-core module): its indices into
+    // its own workgroup and register arrays follow from the override constants of a
+    // configuration the host validated (the workgroup sizes are checked against the WGSL by a
+    // test), and its reads of storage buffers stay within the extents the host checked
+    // against the shape before every dispatch; on Vulkan the device's robust buffer access
+    // still bounds them.
     unsafe {
         device.create_shader_module_trusted(
             wgpu::ShaderModuleDescriptor {
@@ -666,6 +691,7 @@ fn trusted_module(device: &wgpu::Device, label: &str, source: String) -> wgpu::S
                 source: wgpu::ShaderSource::Wgsl(source.into()),
             },
             wgpu::ShaderRuntimeChecks {
+                bounds_checks,
                 force_loop_bounding: false,
                 ..wgpu::ShaderRuntimeChecks::checked()
             },
@@ -738,15 +764,23 @@ impl PipelineCache {
             .or_insert_with(|| {
                 let features = device.features();
                 let subgroups = features.contains(wgpu::Features::SUBGROUP);
-                let mut source = module_source(variant.config.tier, subgroups);
+                let tier = variant.config.tier;
+                let mut source = module_source(tier, subgroups);
                 // A tensor-core plan on a device without cooperative matrices comes from a Gpu
                 // that emulates them (Gpu::with_tensor_core_emulation).
-                if variant.config.tier == Tier::TensorCore
+                if tier == Tier::TensorCore
                     && !features.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX)
                 {
                     source = emulated_tensor_core_source();
                 }
-                trusted_module(device, "blockflash attention", source)
+                // Index clamping kept the tensor-core kernel's register arrays in local
+                // memory (9x slower on the H100); the portable kernels ran as fast with it.
+                trusted_module(
+                    device,
+                    "blockflash attention",
+                    source,
+                    tier != Tier::TensorCore,
+                )
             })
             .clone();
         let (bgl, layout) = c
@@ -798,7 +832,9 @@ impl PipelineCache {
             ("WRITE_LSE", variant.write_lse as u32 as f64),
             ("PERMUTED", variant.permuted as u32 as f64),
         ];
-        if k.tier != Tier::TensorCore {
+        if k.tier == Tier::TensorCore {
+            constants.push(("PREFETCH", k.prefetch() as u32 as f64));
+        } else {
             constants.extend([
                 ("DC", k.dc as f64),
                 ("TX", k.tx as f64),
@@ -837,7 +873,12 @@ impl PipelineCache {
             .backward_modules
             .entry(dtype)
             .or_insert_with(|| {
-                trusted_module(device, "blockflash backward", backward_module_source(dtype))
+                trusted_module(
+                    device,
+                    "blockflash backward",
+                    backward_module_source(dtype),
+                    true,
+                )
             })
             .clone();
         let mut constants = vec![
