@@ -279,9 +279,9 @@ impl Gpu {
     }
 
     /// The tier that runs inputs stored as `dtype` when the caller does not choose: tensor
-    /// cores for f16 where the device offers them (3.1x the portable f16 kernel at d = 64 on the H100, see
-    /// BENCHMARKS.md), else portable f16 (`SHADER_F16`); portable bf16 for bf16 (every device),
-    /// portable f32 for f32. A plan whose head dim the tensor-core kernel does not hold (over
+    /// cores for f16 where the device offers them (3.1x the portable f16 kernel at d = 64 on
+    /// the H100, see BENCHMARKS.md), else portable f16 (`SHADER_F16`); portable bf16 for bf16
+    /// (every device), portable f32 for f32. A plan whose head dim the tensor-core kernel does not hold (over
     /// 128) runs portable f16 instead ([`Gpu::tier_for_head_dim`]).
     pub fn tier_for(&self, dtype: DType) -> Result<Tier> {
         match dtype {
