@@ -100,13 +100,12 @@ fn put4(val: vec4<f16>, base: u32, e: u32) {
     kv_sh[s + 3u] = val.w;
 }
 
-// Mask word `wi` (keys key0 + 32 wi ..) of row r in tile t; all ones for full tiles.
+// Mask word `wi` (keys key0 + 32 wi ..) of row r in tile t; all ones for full tiles and where
+// there is no word (keys or rows past the end are masked by the caller).
 fn row_word(t: Tile, it: Item, r: u32, key0: u32, wi: u32) -> u32 {
-    if (t.state == 1u) {
-        return mask_word(t.slot * BR * (BC / 32u) + r * (BC / 32u) + wi);
-    }
-    if (t.state == 3u && key0 + 32u * wi < P.seq_k && it.qt * BR + r < P.seq_q) {
-        return mask_word(it.b * P.mask_batch_stride + (it.qt * BR + r) * P.words_per_row + key0 / 32u + wi);
+    let key = key0 + 32u * wi;
+    if (t.state == 1u || (t.state == 3u && key < P.seq_k && it.qt * BR + r < P.seq_q)) {
+        return mask_word(mask_word_at(t, it, r, key));
     }
     return 0xffffffffu;
 }

@@ -162,13 +162,17 @@ fn allowed(t: Tile, it: Item, r: u32, key: u32) -> bool {
     if (t.state == 2u) {
         return true;
     }
+    return ((mask_word(mask_word_at(t, it, r, key)) >> (key % 32u)) & 1u) != 0u;
+}
+
+// Index of the mask word that holds `key`'s bit (absolute, in range) for row `r` of query tile
+// `it.qt` in a partial (1) or element-masked (3) tile `t`; bit key % 32 of it (BC is a multiple
+// of 32).
+fn mask_word_at(t: Tile, it: Item, r: u32, key: u32) -> u32 {
     if (t.state == 1u) {
-        let col = key % BC;
-        let w = t.slot * BR * (BC / 32u) + r * (BC / 32u) + col / 32u;
-        return ((mask_word(w) >> (col % 32u)) & 1u) != 0u;
+        return t.slot * BR * (BC / 32u) + r * (BC / 32u) + (key % BC) / 32u;
     }
-    let w = it.b * P.mask_batch_stride + (it.qt * BR + r) * P.words_per_row + key / 32u;
-    return ((mask_word(w) >> (key % 32u)) & 1u) != 0u;
+    return it.b * P.mask_batch_stride + (it.qt * BR + r) * P.words_per_row + key / 32u;
 }
 
 // Where row `r` of the item's query tile goes: an output row, or a split part.

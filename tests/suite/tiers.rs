@@ -185,6 +185,17 @@ fn tensor_core_kernel_logic_matches_reference_with_emulated_products() {
             g.adapter_info().name
         );
     }
+    if g.features()
+        .contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX)
+    {
+        // Nothing to emulate: this runs the real kernel once more.
+        let name = &g.adapter_info().name;
+        writeln!(
+            std::io::stderr(),
+            "{name} has cooperative matrices: not emulated"
+        )
+        .ok();
+    }
     every_path_on_every_family(g, Tier::TensorCore);
     shapes_head_dims_and_splits(g, Tier::TensorCore);
 }
