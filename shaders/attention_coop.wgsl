@@ -23,7 +23,9 @@
 // the rescale flag read, P and the next K/V written.
 //
 // Workgroup memory: tiles with padded rows (16 bytes) against bank conflicts; f_sh holds S each
-// key tile and O when rescaling and at the end; the Q tile passes through the K/V buffers first.
+// key tile, and O in chunks of DC columns when rescaling and at the end (DC = D where that fits,
+// else BC: 64-row tiles then fit 48 KiB at d = 128; the chunk loops have constant trip counts,
+// which keeps the accumulators in registers); the Q tile passes through the K/V buffers first.
 // Every workgroup variable here is an array: on the H100's Vulkan driver (580.159) a scalar
 // workgroup variable beside the cooperative-matrix tiles corrupted the results, so the rescale
 // flag lives in a slot of `red`.
@@ -33,11 +35,12 @@
 // memory (the kernel ran 9x slower on the H100).
 
 override PREFETCH: bool = false;
+override DC: u32 = 64u;        // head-dim columns of O staged in f_sh at once (divides D)
 
 const DT_CAP: u32 = 8u;        // max D / 16
 const KT_CAP: u32 = 4u;        // max BC / 16
 const HALF_CAP: u32 = 32u;     // max BC / 2
-const KV_CAP: u32 = 4u;        // max BC * D / 4 / THREADS with PREFETCH
+const KV_CAP: u32 = 8u;        // max BC * D / 4 / THREADS with PREFETCH
 const RESCALE_GAP: f32 = 8.0;
 
 @group(0) @binding(1) var<storage, read> q_buf: array<f16>;
@@ -52,17 +55,15 @@ fn mask_word(i: u32) -> u32 {
 // K, then the V buffers of even and odd steps; rows padded by 8.
 var<workgroup> kv_sh: array<f16, 3u * BC * (D + 8u)>;
 var<workgroup> p_sh: array<f16, BR * (BC + 8u)>;
-var<workgroup> f_sh: array<f32, BR * (max(BC, D) + 4u)>;
+var<workgroup> f_sh: array<f32, BR * (max(BC, DC) + 4u)>;
 // l partials at the end; the rescale flag at 2 BR
 var<workgroup> red: array<f32, 2u * BR + 4u>;
 
 // Keys [key0, key0 + BC) of one K or V head, as this thread's share (zeros past the end).
-fn fetch(from_v: bool, head_base: u32, key0: u32, lid: u32) -> array<vec4<f16>, KV_CAP> {
-    var regs: array<vec4<f16>, KV_CAP>;
+fn fetch(regs: ptr<function, array<vec4<f16>, KV_CAP>>, from_v: bool, head_base: u32, key0: u32, lid: u32) {
     for (var i = 0u; i < min(BC * D / 4u / THREADS, KV_CAP); i++) {
-        regs[i] = kv_elem4(from_v, head_base, key0, lid + i * THREADS);
+        (*regs)[i] = kv_elem4(from_v, head_base, key0, lid + i * THREADS);
     }
-    return regs;
 }
 
 // Writes a fetched share into the buffer at `base` of kv_sh.
@@ -156,8 +157,8 @@ fn main(
     var vr: array<vec4<f16>, KV_CAP>;
     if (PREFETCH && it.first < it.end) {
         let key0 = tile_at(it.first, it).kt * BC;
-        kr = fetch(false, kv_head, key0, lid);
-        vr = fetch(true, kv_head, key0, lid);
+        fetch(&kr, false, kv_head, key0, lid);
+        fetch(&vr, true, kv_head, key0, lid);
     }
     workgroupBarrier();
     if (PREFETCH) {
@@ -170,8 +171,8 @@ fn main(
     }
     if (PREFETCH && it.first + 1u < it.end) {
         let key0 = tile_at(it.first + 1u, it).kt * BC;
-        kr = fetch(false, kv_head, key0, lid);
-        vr = fetch(true, kv_head, key0, lid);
+        fetch(&kr, false, kv_head, key0, lid);
+        fetch(&vr, true, kv_head, key0, lid);
     }
     workgroupBarrier();
 
@@ -185,7 +186,7 @@ fn main(
                 let b = coopLoad<coop_mat16x16<f16, B>>(&kv_sh[n * 16u * (D + 8u) + kk * 16u], D + 8u);
                 c = coopMultiplyAdd(qa[kk], b, c);
             }
-            coopStoreT(c, &f_sh[sg * 16u * (max(BC, D) + 4u) + n * 16u], max(BC, D) + 4u);
+            coopStoreT(c, &f_sh[sg * 16u * (max(BC, DC) + 4u) + n * 16u], max(BC, DC) + 4u);
         }
         workgroupBarrier();
         // K of the next tile over this one's, V into the other V buffer; with PREFETCH, fetch
@@ -198,8 +199,8 @@ fn main(
             }
             if (pos + 2u < it.end) {
                 let key2 = tile_at(pos + 2u, it).kt * BC;
-                kr = fetch(false, kv_head, key2, lid);
-                vr = fetch(true, kv_head, key2, lid);
+                fetch(&kr, false, kv_head, key2, lid);
+                fetch(&vr, true, kv_head, key2, lid);
             }
         } else if (pos + 1u < it.end) {
             let key1 = tile_at(pos + 1u, it).kt * BC;
@@ -220,7 +221,7 @@ fn main(
         for (var j = 0u; j < BC; j++) {
             let col = 2u * (j % (BC / 2u)) + (half ^ (j / (BC / 2u)));
             let key = key0 + col;
-            var x = f_sh[r * (max(BC, D) + 4u) + col] * P.scale_log2;
+            var x = f_sh[r * (max(BC, DC) + 4u) + col] * P.scale_log2;
             if (masked && (key >= P.seq_k || q0 + r >= P.seq_q || ((words[col / 32u] >> (col % 32u)) & 1u) == 0u)) {
                 x = NEG;
             }
@@ -246,16 +247,19 @@ fn main(
         if (resc) {
             let alpha = exp2(m_i - m_new);
             l_i *= alpha;
-            for (var n = 0u; n < D / 16u; n++) {
-                coopStoreT(acc[n], &f_sh[sg * 16u * (max(BC, D) + 4u) + n * 16u], max(BC, D) + 4u);
-            }
-            workgroupBarrier();
-            for (var c = half; c < D; c += 2u) {
-                f_sh[r * (max(BC, D) + 4u) + c] *= alpha;
-            }
-            workgroupBarrier();
-            for (var n = 0u; n < D / 16u; n++) {
-                acc[n] = coopLoadT<coop_mat16x16<f32, C>>(&f_sh[sg * 16u * (max(BC, D) + 4u) + n * 16u], max(BC, D) + 4u);
+            for (var ci = 0u; ci < D / DC; ci++) {
+                for (var m = 0u; m < DC / 16u; m++) {
+                    coopStoreT(acc[ci * (DC / 16u) + m], &f_sh[sg * 16u * (max(BC, DC) + 4u) + m * 16u], max(BC, DC) + 4u);
+                }
+                workgroupBarrier();
+                for (var j = 0u; j < DC / 2u; j++) {
+                    f_sh[r * (max(BC, DC) + 4u) + 2u * j + half] *= alpha;
+                }
+                workgroupBarrier();
+                for (var m = 0u; m < DC / 16u; m++) {
+                    acc[ci * (DC / 16u) + m] = coopLoadT<coop_mat16x16<f32, C>>(&f_sh[sg * 16u * (max(BC, DC) + 4u) + m * 16u], max(BC, DC) + 4u);
+                }
+                workgroupBarrier();
             }
         }
         m_i = m_new;
@@ -277,21 +281,24 @@ fn main(
     }
     workgroupBarrier();
     red[lid] = l_i;
-    for (var n = 0u; n < D / 16u; n++) {
-        coopStoreT(acc[n], &f_sh[sg * 16u * (max(BC, D) + 4u) + n * 16u], max(BC, D) + 4u);
-    }
-    workgroupBarrier();
-    let l_row = red[2u * r] + red[2u * r + 1u];
-
-    if (q0 + r < P.seq_q) {
-        let inv = select(0.0, 1.0 / l_row, l_row > 0.0);
-        let dest = dest_row(it, r);
-        for (var c = half * (D / 2u); c < (half + 1u) * (D / 2u); c += 4u) {
-            let o = r * (max(BC, D) + 4u) + c;
-            store_o4(it, dest, c, vec4<f32>(f_sh[o], f_sh[o + 1u], f_sh[o + 2u], f_sh[o + 3u]) * inv);
+    for (var ci = 0u; ci < D / DC; ci++) {
+        for (var m = 0u; m < DC / 16u; m++) {
+            coopStoreT(acc[ci * (DC / 16u) + m], &f_sh[sg * 16u * (max(BC, DC) + 4u) + m * 16u], max(BC, DC) + 4u);
         }
-        if (half == 0u) {
-            store_lse(it, dest, m_i, l_row);
+        workgroupBarrier();
+        let l_row = red[2u * r] + red[2u * r + 1u];
+        if (q0 + r < P.seq_q) {
+            let inv = select(0.0, 1.0 / l_row, l_row > 0.0);
+            let dest = dest_row(it, r);
+            for (var j = 0u; j < DC / 2u; j += 4u) {
+                let c = half * (DC / 2u) + j;
+                let o = r * (max(BC, DC) + 4u) + c;
+                store_o4(it, dest, ci * DC + c, vec4<f32>(f_sh[o], f_sh[o + 1u], f_sh[o + 2u], f_sh[o + 3u]) * inv);
+            }
+            if (half == 0u && ci == 0u) {
+                store_lse(it, dest, m_i, l_row);
+            }
         }
+        workgroupBarrier();
     }
 }

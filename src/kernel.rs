@@ -439,7 +439,8 @@ const ACC_CAP: usize = 16;
 /// A tile configuration of a kernel: its tier, `tile_rows` × `tile_cols` tiles, and its thread
 /// layout. Portable tiers hold a head-dim chunk of `dc` columns of K/V in workgroup memory and
 /// run a `tx` × `ty` thread grid; the tensor-core tier runs `tile_rows / 16` subgroups of 32
-/// (`tx` = 2 threads per row, `ty` = `tile_rows`) and holds all of d (`dc` = d).
+/// (`tx` = 2 threads per row, `ty` = `tile_rows`), holds all of d, and stages the output
+/// through workgroup memory `dc` columns at a time (d, or `tile_cols` where d does not fit).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct KernelConfig {
     /// The kernel tier.
@@ -450,7 +451,8 @@ pub struct KernelConfig {
     pub tile_cols: usize,
     /// Head dimension.
     pub head_dim: usize,
-    /// Head-dim columns of K/V held in workgroup memory at once.
+    /// Head-dim columns of K/V (portable tiers) or of the output (tensor cores) held in
+    /// workgroup memory at once.
     pub dc: usize,
     /// Threads per row group.
     pub tx: usize,
@@ -479,7 +481,7 @@ const TENSOR_CORE_DT_CAP: usize = 8;
 /// Most vec4 of a K or V tile per thread for which the tensor-core kernel fetches a tile ahead
 /// into registers (its KV_CAP): d = 64 at 64x32 (4) ran 1.7x faster with it on the H100; at
 /// d = 128, 32x32 (16 per thread) the registers spilled and it ran 5x slower.
-const TENSOR_CORE_PREFETCH_MAX: usize = 4;
+const TENSOR_CORE_PREFETCH_MAX: usize = 8;
 
 /// Workgroup memory of common.wgsl's `walk` (vec4<u32>) and `span` (vec2<u32>).
 const WALK_BYTES: usize = 24;
@@ -488,17 +490,17 @@ impl KernelConfig {
     /// Bytes of workgroup memory the kernel declares for this configuration (checked against
     /// the WGSL by a test).
     pub fn workgroup_bytes(&self) -> usize {
-        let (br, bc, d) = (self.tile_rows, self.tile_cols, self.head_dim);
+        let (br, bc, d, dc) = (self.tile_rows, self.tile_cols, self.head_dim, self.dc);
         match self.tier {
             Tier::PortableF32 | Tier::PortableF16 | Tier::PortableBf16 => {
-                4 * (br * d + bc * (self.dc + 4) + br * bc + 2 * br * self.tx) + WALK_BYTES
+                4 * (br * d + bc * (dc + 4) + br * bc + 2 * br * self.tx) + WALK_BYTES
             }
             // kv_sh (three f16 tiles of bc rows padded by 8); p_sh (f16, rows padded by 8);
-            // f_sh (f32, rows of max(bc, d) + 4); red (2 br + 4 f32); walk
+            // f_sh (f32, rows of max(bc, dc) + 4); red (2 br + 4 f32); walk
             Tier::TensorCore => {
                 2 * 3 * bc * (d + 8)
                     + 2 * br * (bc + 8)
-                    + 4 * br * (bc.max(d) + 4)
+                    + 4 * br * (bc.max(dc) + 4)
                     + 4 * (2 * br + 4)
                     + WALK_BYTES
             }
@@ -540,7 +542,9 @@ impl KernelConfig {
                 && br <= 3 * bc
                 && d.is_multiple_of(16)
                 && d / 16 <= TENSOR_CORE_DT_CAP
-                && (tx, ty, dc) == (2, br, d);
+                && (dc == d || dc == bc)
+                && d.is_multiple_of(dc)
+                && (tx, ty) == (2, br);
         }
         let tm = br / ty;
         fits && br.is_multiple_of(ty)
@@ -558,18 +562,23 @@ impl KernelConfig {
     /// first (portable ones with the largest head-dim chunk that fits).
     pub fn candidates(limits: &wgpu::Limits, tier: Tier, head_dim: usize) -> Vec<KernelConfig> {
         if tier == Tier::TensorCore {
+            // O staged whole where it fits, else in chunks of bc columns.
             return TENSOR_CORE
                 .iter()
-                .map(|&(br, bc)| KernelConfig {
-                    tier,
-                    tile_rows: br,
-                    tile_cols: bc,
-                    head_dim,
-                    dc: head_dim,
-                    tx: 2,
-                    ty: br,
+                .filter_map(|&(br, bc)| {
+                    [head_dim, bc].into_iter().find_map(|dc| {
+                        let c = KernelConfig {
+                            tier,
+                            tile_rows: br,
+                            tile_cols: bc,
+                            head_dim,
+                            dc,
+                            tx: 2,
+                            ty: br,
+                        };
+                        c.valid(limits).then_some(c)
+                    })
                 })
-                .filter(|c| c.valid(limits))
                 .collect();
         }
         PORTABLE
@@ -833,7 +842,10 @@ impl PipelineCache {
             ("PERMUTED", variant.permuted as u32 as f64),
         ];
         if k.tier == Tier::TensorCore {
-            constants.push(("PREFETCH", k.prefetch() as u32 as f64));
+            constants.extend([
+                ("PREFETCH", k.prefetch() as u32 as f64),
+                ("DC", k.dc as f64),
+            ]);
         } else {
             constants.extend([
                 ("DC", k.dc as f64),

@@ -156,7 +156,14 @@ pub struct Plan {
 /// tile's rows share, and a fixed cost of barriers and loop overhead.
 fn tile_cost(c: &KernelConfig) -> f64 {
     let (br, bc, d) = (c.tile_rows as f64, c.tile_cols as f64, c.head_dim as f64);
-    br * bc * d + 8.0 * bc * d + 4096.0
+    let cost = br * bc * d + 8.0 * bc * d + 4096.0;
+    // Tensor-core tiles whose next K/V tile is not fetched ahead wait for global memory every
+    // tile: 4x to 7x slower per tile on the H200 (BENCHMARKS.md, 2026-11-30).
+    if c.tier == Tier::TensorCore && !c.prefetch() {
+        4.0 * cost
+    } else {
+        cost
+    }
 }
 
 /// Extra cost of applying mask bits to one tile.

@@ -27,8 +27,9 @@ fn declared_workgroup_bytes(tier: Tier, c: &KernelConfig) -> u32 {
         ("D", c.head_dim),
         ("THREADS", c.threads()),
     ];
+    constants.push(("DC", c.dc));
     if tier != Tier::TensorCore {
-        constants.extend([("DC", c.dc), ("TX", c.tx)]);
+        constants.push(("TX", c.tx));
     }
     declared_bytes(&module_source(tier, true), "main", &constants)
 }
@@ -113,6 +114,7 @@ fn host_workgroup_budget_matches_the_shaders_declarations() {
                         ("BC", c.tile_cols),
                         ("D", c.head_dim),
                         ("THREADS", c.threads()),
+                        ("DC", c.dc),
                     ];
                     let emulated =
                         declared_bytes(&emulated_tensor_core_source(), "main", &constants);
