@@ -1,11 +1,12 @@
 // Attention backward (FlashAttention-2 order, P recomputed from the forward log-sum-exp): dQ, dK
 // and dV with the forward pass's tile skipping. Needs common.wgsl (overrides, Params, walk, mask
-// bits, permutation); the host prepends the prologue that defines the storage type (`Elem4`,
-// `load4`, `pack4`): f32 arithmetic on every storage type, four head-dim columns at a time.
+// bits, permutation) and backward_walk.wgsl (bindings, the pre-pass, the dK/dV pass's rows);
+// the host prepends the prologue that defines the storage type (`Elem4`, `load4`, `pack4`): f32
+// arithmetic on every storage type, four head-dim columns at a time.
 //
 // Three entry points, dispatched in this order:
-//   pre:  per query row, the row's LSE in log2 units and D = rowsum(dO ∘ O), into `scratch`
-//         (2 f32 per row, rows in memory order);
+//   pre:  (backward_walk.wgsl) per query row, the row's LSE in log2 units and D = rowsum(dO ∘ O),
+//         into `scratch` (2 f32 per row, rows in memory order);
 //   dkdv: one workgroup per (key tile, key/value head, batch): walks the query tiles that use
 //         its key tile (the transposed block mask: full ones without mask reads, then partial
 //         ones with their bit slots; the dense path walks every query tile) over the query
@@ -47,20 +48,6 @@ override AX: u32 = 8u;         // accumulator threads along vec4 column groups; 
 const S_CAP: u32 = 16u;        // S (and dP) elements per thread
 const SIDE_CAP: u32 = 8u;      // rows and keys per thread of S
 const ACC_CAP: u32 = 16u;      // vec4 accumulators per thread of dK, dV, dQ, and their rows or keys
-const LOG2E: f32 = 1.4426950408889634;
-
-@group(0) @binding(1) var<storage, read> q_buf: array<Elem4>;
-@group(0) @binding(2) var<storage, read> k_buf: array<Elem4>;
-@group(0) @binding(3) var<storage, read> v_buf: array<Elem4>;
-@group(0) @binding(9) var<storage, read> do_buf: array<Elem4>;
-@group(0) @binding(10) var<storage, read_write> dq_buf: array<Elem4>;
-@group(0) @binding(11) var<storage, read_write> dk_buf: array<Elem4>;
-@group(0) @binding(12) var<storage, read_write> dv_buf: array<Elem4>;
-
-// The mask bits follow the index data in the backward index buffer.
-fn mask_word(i: u32) -> u32 {
-    return index_buf[P.bits_off + i];
-}
 
 var<workgroup> qs: array<vec4<f32>, RS * (DC / 4u + 1u)>;
 var<workgroup> dos: array<vec4<f32>, RS * (DC / 4u + 1u)>;
@@ -68,74 +55,6 @@ var<workgroup> ks: array<vec4<f32>, KS * (DC / 4u + 1u)>;
 var<workgroup> vs: array<vec4<f32>, KS * (DC / 4u + 1u)>;
 var<workgroup> ps: array<f32, RS * KS>;
 var<workgroup> dss: array<f32, RS * KS>;
-
-// One thread per query row: x row, y head, z batch element.
-@compute @workgroup_size(THREADS)
-fn pre(@builtin(global_invocation_id) gid: vec3<u32>) {
-    if (gid.x >= P.seq_q) {
-        return;
-    }
-    let row = (gid.z * P.heads + gid.y) * P.seq_q + gid.x;
-    let D4 = D / 4u;
-    var delta = 0.0;
-    for (var c4 = 0u; c4 < D4; c4++) {
-        delta += dot(load4(do_buf[row * D4 + c4]), load4(o_buf[row * D4 + c4]));
-    }
-    // Rows with no allowed key (LSE −∞) get NEG, which masks all their pairs below.
-    let lse = lse_buf[row];
-    scratch[2u * row] = select(NEG, lse * LOG2E, lse > NEG_CUT);
-    scratch[2u * row + 1u] = delta;
-}
-
-// The query rows a pass walks: the rows of the query tiles at walk positions [first, end), for
-// `heads` query heads from the one whose first row is q_head0, one after the other. Listed
-// positions name their query tile and state in the transposed entries (full before full_end);
-// otherwise a position is its query tile, of state `state` (2 full, 3 dense mask).
-struct Rows {
-    q_head0: u32,
-    heads: u32,
-    first: u32,
-    end: u32,
-    full_end: u32,
-    listed: bool,
-    state: u32,
-}
-
-// Row v of a Rows sequence: its query head's first row, its query tile and row in the tile,
-// its sequence position (seq_q past the end), and its tile's state and bit slot.
-struct RowAt {
-    q_head: u32,
-    qt: u32,
-    r: u32,
-    seq: u32,
-    state: u32,
-    slot: u32,
-}
-
-fn row_at(rows: Rows, v: u32) -> RowAt {
-    let per_head = (rows.end - rows.first) * BR;
-    var hh = 0u;
-    if (rows.heads > 1u) {
-        hh = v / per_head;
-    }
-    let w = v - hh * per_head;
-    let pos = rows.first + w / BR;
-    var a = RowAt(rows.q_head0 + hh * P.seq_q, pos, w % BR, P.seq_q, rows.state, 0u);
-    if (hh >= rows.heads || pos >= rows.end) {
-        return a;
-    }
-    if (rows.listed) {
-        let e = P.t_rows_off + 2u * pos;
-        a.qt = index_buf[e];
-        a.state = 2u;
-        if (pos >= rows.full_end) {
-            a.state = 1u;
-            a.slot = index_buf[e + 1u];
-        }
-    }
-    a.seq = min(a.qt * BR + a.r, P.seq_q);
-    return a;
-}
 
 // The keys a pass walks: the keys of the key tiles at walk positions [first, end) of a K/V head
 // (first row kv_head). Listed positions are the forward walk of `it` (common.wgsl's tile_at);

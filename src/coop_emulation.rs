@@ -1,8 +1,9 @@
-//! Cooperative matrices emulated in plain WGSL, so that the tensor-core kernel's logic (tiles,
-//! masks, the online softmax, its workgroup-memory traffic) runs and is tested on devices
-//! without them, lavapipe included ([`crate::Gpu::with_tensor_core_emulation`]).
+//! Cooperative matrices emulated in plain WGSL, so that the tensor-core kernels' logic (tiles,
+//! masks, the online softmax, the backward's P and dS, their workgroup-memory traffic) runs and
+//! is tested on devices without them, lavapipe included
+//! ([`crate::Gpu::with_tensor_core_emulation`]).
 //!
-//! The rewrite is textual and knows exactly the forms the kernel uses:
+//! The rewrite is textual and knows exactly the forms the kernels use:
 //! `coop_mat16x16<T, R>` types and zero constructors, `coopLoad`/`coopLoadT` and
 //! `coopStore`/`coopStoreT` on `&array[index]` of a workgroup array, and `coopMultiplyAdd`.
 //! A 16x16 matrix is spread over each group of 32 consecutive invocations (the kernel's
@@ -100,8 +101,12 @@ pub(crate) fn emulated(src: &str) -> String {
     }
     out.push_str(rest);
 
+    // Every entry point that uses cooperative matrices takes `lid` last, on a line of its own.
     let marker = "@builtin(local_invocation_index) lid: u32,\n) {\n";
-    assert!(out.contains(marker), "emulation needs main's `lid`");
+    assert!(
+        out.contains(marker),
+        "emulation needs the entry points' `lid`"
+    );
     let out = out.replace(marker, &format!("{marker}    emu_lid = lid;\n"));
     let mut functions = String::from(PROLOGUE);
     for (kind, layout, array) in &arrays {

@@ -188,8 +188,9 @@ impl Gpu {
     /// This device with the tensor-core tier's cooperative-matrix operations emulated in plain
     /// WGSL where the device has none (on a device with them, it changes nothing).
     ///
-    /// For testing: the tensor-core kernel's tiling, masking and softmax then run, and can be
-    /// checked against the reference, on any device with `SHADER_F16` (lavapipe included),
+    /// For testing: the tensor-core kernels' tiling, masking and softmax (forward and backward)
+    /// then run, and can be checked against the reference, on any device with `SHADER_F16`
+    /// (lavapipe included),
     /// far slower than either real tier. The emulation's products go through workgroup
     /// memory, so [`Gpu::limits`] reports 8 KiB less of it.
     pub fn with_tensor_core_emulation(mut self) -> Gpu {

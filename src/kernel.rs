@@ -18,8 +18,12 @@ pub const STORAGE_BF16_WGSL: &str = include_str!("../shaders/storage_bf16.wgsl")
 pub const ATTENTION_WGSL: &str = include_str!("../shaders/attention.wgsl");
 /// WGSL of the tensor-core kernel (cooperative matrices, f16 storage).
 pub const ATTENTION_COOP_WGSL: &str = include_str!("../shaders/attention_coop.wgsl");
-/// WGSL of the backward kernels (pre-pass, dK/dV, dQ; f32 arithmetic on every storage type).
+/// WGSL both backward modules share (bindings, the pre-pass, the dK/dV pass's rows).
+pub const BACKWARD_WALK_WGSL: &str = include_str!("../shaders/backward_walk.wgsl");
+/// WGSL of the portable backward kernels (dK/dV, dQ; f32 arithmetic on every storage type).
 pub const BACKWARD_WGSL: &str = include_str!("../shaders/backward.wgsl");
+/// WGSL of the tensor-core backward kernels (dK/dV, dQ; cooperative matrices, f16 storage).
+pub const BACKWARD_COOP_WGSL: &str = include_str!("../shaders/backward_coop.wgsl");
 
 /// Storage type of Q, K, V and O (the kernels compute in f32 on every storage type).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -143,10 +147,26 @@ fn storage_prologue(dtype: DType) -> String {
     }
 }
 
-/// The WGSL module of the backward kernels for storage type `dtype` (every tier runs the
-/// portable backward on its storage type).
-pub fn backward_module_source(dtype: DType) -> String {
-    format!("{}{COMMON_WGSL}\n{BACKWARD_WGSL}", storage_prologue(dtype))
+/// The WGSL module of the backward kernels: the portable ones for storage type `dtype`, or with
+/// `tensor_cores` the tensor-core ones (f16 storage; no subgroup operations).
+pub fn backward_module_source(dtype: DType, tensor_cores: bool) -> String {
+    if tensor_cores {
+        format!(
+            "enable wgpu_cooperative_matrix;\n{}{COMMON_WGSL}\n{BACKWARD_WALK_WGSL}\n{BACKWARD_COOP_WGSL}",
+            storage_prologue(DType::F16)
+        )
+    } else {
+        format!(
+            "{}{COMMON_WGSL}\n{BACKWARD_WALK_WGSL}\n{BACKWARD_WGSL}",
+            storage_prologue(dtype)
+        )
+    }
+}
+
+/// The tensor-core backward module with its cooperative-matrix operations emulated (see
+/// [`emulated_tensor_core_source`]).
+pub fn emulated_tensor_core_backward_source() -> String {
+    crate::coop_emulation::emulated(&backward_module_source(DType::F16, true))
 }
 
 /// Invocations per workgroup of the backward pre-pass (one per query row; within every
@@ -194,6 +214,10 @@ pub struct BackwardLayout {
     pub sx: usize,
     /// Threads along the vec4 column groups of the accumulators.
     pub ax: usize,
+    /// The tensor-core kernels (shaders/backward_coop.wgsl): `tile_cols / 16` (dK/dV) or
+    /// `tile_rows / 16` (dQ) subgroups of 32, steps of `rows` query rows (dK/dV) by one key
+    /// tile, all of d in workgroup memory; `sx` and `ax` unused (0).
+    pub tensor_cores: bool,
 }
 
 impl BackwardLayout {
@@ -201,6 +225,22 @@ impl BackwardLayout {
     /// keys, each a head-dim chunk with rows padded by a vec4; P (dK/dV only) and dS of a step.
     pub fn workgroup_bytes(&self) -> usize {
         let (rs, ks) = (self.rows, self.keys);
+        if self.tensor_cores {
+            let (br, bc, d) = (self.tile_rows, self.tile_cols, self.head_dim);
+            // kv_sh (K and V, f16 rows padded by 8), then dK/dV: qd_sh, st_sh, ft_sh, pd_sh and
+            // common.wgsl's walk; dQ: fq_sh, ds_sh and the walk and span.
+            let kv = 2 * 2 * bc * (d + 8);
+            return match self.pass {
+                BackwardPass::DkDv => {
+                    kv + 2 * 2 * rs * (d + 8)
+                        + 4 * 2 * rs
+                        + 4 * 2 * bc * (rs + 4)
+                        + 2 * 2 * bc * (rs + 8)
+                        + 16
+                }
+                _ => kv + 4 * 2 * br * (bc + 4) + 2 * br * (bc + 8) + WALK_BYTES,
+            };
+        }
         let chunk = 4 * (self.dc + 4) * (2 * rs + 2 * ks);
         match self.pass {
             BackwardPass::DkDv => chunk + 4 * 2 * rs * ks,
@@ -210,18 +250,23 @@ impl BackwardLayout {
     }
 
     /// The override constants of the pass.
-    pub fn constants(&self) -> [(&'static str, f64); 9] {
-        [
+    pub fn constants(&self) -> Vec<(&'static str, f64)> {
+        let mut c = vec![
             ("BR", self.tile_rows as f64),
             ("BC", self.tile_cols as f64),
             ("D", self.head_dim as f64),
             ("THREADS", self.threads as f64),
             ("RS", self.rows as f64),
-            ("KS", self.keys as f64),
-            ("DC", self.dc as f64),
-            ("SX", self.sx as f64),
-            ("AX", self.ax as f64),
-        ]
+        ];
+        if !self.tensor_cores {
+            c.extend([
+                ("KS", self.keys as f64),
+                ("DC", self.dc as f64),
+                ("SX", self.sx as f64),
+                ("AX", self.ax as f64),
+            ]);
+        }
+        c
     }
 
     /// Words one step moves: operand reads from workgroup memory (each thread reads the rows
@@ -273,6 +318,20 @@ impl BackwardLayout {
 
     /// Whether the shader's capacities and `limits` hold this layout.
     fn valid(&self, limits: &wgpu::Limits) -> bool {
+        let fits = self.threads <= limits.max_compute_invocations_per_workgroup as usize
+            && self.threads <= limits.max_compute_workgroup_size_x as usize
+            && self.workgroup_bytes() <= limits.max_compute_workgroup_storage_size as usize;
+        if self.tensor_cores {
+            // DT_CAP and RT_CAP; Q and dO of a dQ tile pass through K and V's buffers.
+            let (br, bc, d, rs) = (self.tile_rows, self.tile_cols, self.head_dim, self.rows);
+            return fits
+                && d.is_multiple_of(16)
+                && d / 16 <= TENSOR_CORE_DT_CAP
+                && rs.is_multiple_of(16)
+                && rs / 16 <= 4
+                && bc / 16 <= 4
+                && br <= 2 * bc;
+        }
         let (br, bc, d, t, rs, ks, dc, sx, ax) = (
             self.tile_rows,
             self.tile_cols,
@@ -284,9 +343,6 @@ impl BackwardLayout {
             self.sx,
             self.ax,
         );
-        let fits = t <= limits.max_compute_invocations_per_workgroup as usize
-            && t <= limits.max_compute_workgroup_size_x as usize
-            && self.workgroup_bytes() <= limits.max_compute_workgroup_storage_size as usize;
         let step = match self.pass {
             BackwardPass::DkDv => ks == bc,
             _ => br.is_multiple_of(rs) && ks.is_multiple_of(bc),
@@ -324,10 +380,11 @@ impl BackwardLayout {
 }
 
 /// The layout of walking pass `pass` (dK/dV or dQ) for the tiles of `config` within `limits`
-/// (see [`BackwardLayout`]), for walks of `walks` tiles (see `BackwardLayout::steps`): of those
-/// with at least 64 threads and at most 8 accumulators per thread and kind, else of all that
-/// fit, the one that moves the fewest words over the walks; `None` when none fits (and for the
-/// pre-pass).
+/// (see [`BackwardLayout`]), for walks of `walks` tiles (see `BackwardLayout::steps`). A
+/// tensor-core configuration gets the tensor-core kernels where they fit (dK/dV with the
+/// longest step that does). Otherwise the portable kernels: of the layouts with at least 64
+/// threads and at most 8 accumulators per thread and kind, else of all that fit, the one that
+/// moves the fewest words over the walks. `None` when none fits (and for the pre-pass).
 pub fn backward_layout(
     config: &KernelConfig,
     pass: BackwardPass,
@@ -335,6 +392,28 @@ pub fn backward_layout(
     walks: &[usize],
 ) -> Option<BackwardLayout> {
     let (br, bc, d) = (config.tile_rows, config.tile_cols, config.head_dim);
+    if config.tier == Tier::TensorCore && pass != BackwardPass::Pre {
+        let steps = [br, br / 2, br / 4].into_iter();
+        let tensor_cores = steps
+            .filter(|&rs| rs >= 16 && br.is_multiple_of(rs))
+            .map(|rs| BackwardLayout {
+                pass,
+                tile_rows: br,
+                tile_cols: bc,
+                head_dim: d,
+                threads: 2 * if pass == BackwardPass::DkDv { bc } else { br },
+                rows: if pass == BackwardPass::DkDv { rs } else { br },
+                keys: bc,
+                dc: d,
+                sx: 0,
+                ax: 0,
+                tensor_cores: true,
+            })
+            .find(|l| l.valid(limits));
+        if tensor_cores.is_some() {
+            return tensor_cores;
+        }
+    }
     let pow2 = |max: usize| (0..).map(|e| 1usize << e).take_while(move |&x| x <= max);
     let (max_rows, max_keys) = match pass {
         BackwardPass::Pre => return None,
@@ -364,6 +443,7 @@ pub fn backward_layout(
                                 dc,
                                 sx,
                                 ax,
+                                tensor_cores: false,
                             };
                             if !l.valid(limits) {
                                 continue;
@@ -673,7 +753,7 @@ struct CacheInner {
     modules: HashMap<Tier, wgpu::ShaderModule>,
     layout: Option<(wgpu::BindGroupLayout, wgpu::PipelineLayout)>,
     pipelines: HashMap<Variant, wgpu::ComputePipeline>,
-    backward_modules: HashMap<DType, wgpu::ShaderModule>,
+    backward_modules: HashMap<(DType, bool), wgpu::ShaderModule>,
     backward: HashMap<BackwardVariant, (wgpu::ComputePipeline, wgpu::BindGroupLayout)>,
 }
 
@@ -881,16 +961,22 @@ impl PipelineCache {
             return Ok(p.clone());
         }
         let dtype = variant.config.tier.dtype();
+        let tensor_cores = variant.layout.is_some_and(|l| l.tensor_cores);
         let module = c
             .backward_modules
-            .entry(dtype)
+            .entry((dtype, tensor_cores))
             .or_insert_with(|| {
-                trusted_module(
-                    device,
-                    "blockflash backward",
-                    backward_module_source(dtype),
-                    true,
-                )
+                let mut source = backward_module_source(dtype, tensor_cores);
+                // As for the forward module: emulated where the device has no cooperative
+                // matrices, and built without index clamping.
+                if tensor_cores
+                    && !device
+                        .features()
+                        .contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX)
+                {
+                    source = emulated_tensor_core_backward_source();
+                }
+                trusted_module(device, "blockflash backward", source, !tensor_cores)
             })
             .clone();
         let mut constants = vec![

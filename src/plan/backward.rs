@@ -1,15 +1,16 @@
 //! The backward pass of a [`Plan`]: dQ, dK and dV from Q, K, V, the forward output O and
 //! log-sum-exp, and the upstream gradient dO, with the forward pass's tile skipping.
 //!
-//! Three dispatches per chunk (see shaders/backward.wgsl): a pre-pass (D = rowsum(dO ∘ O)), a
+//! Three dispatches per chunk (see shaders/backward.wgsl, and shaders/backward_coop.wgsl for
+//! the tensor-core tier's dK/dV and dQ passes where they fit): a pre-pass (D = rowsum(dO ∘ O)), a
 //! dK/dV pass with one workgroup per key tile walking the query tiles of the transposed block
 //! mask (its CSR form serves both the run-length and the sparse path: full query tiles first,
 //! then partial ones with the forward pass's bit slots; the dense path walks every query tile),
 //! and a dQ pass over the forward walk, never split (split-KV stays a forward-only choice).
 //! The buffers it needs (transposed structure, parameters, row statistics) are built on the
 //! first backward call and kept in the plan, with the layouts of the two walking passes
-//! ([`backward_layout`]: thread grids, step sizes, head-dim chunk), picked for the device's
-//! limits and the lengths of the plan's walks.
+//! ([`backward_layout`]: tensor-core or portable kernels, thread grids, step sizes, head-dim
+//! chunk), picked for the device's limits and the lengths of the plan's walks.
 
 use wgpu::util::DeviceExt;
 

@@ -9,18 +9,19 @@
 //! to the storage type). GPU outputs are
 //! poisoned with NaN before every run, so an element the kernels never write fails the check.
 
-use blockflash::kernel::DType;
+use blockflash::kernel::{DType, KernelConfig};
 use blockflash::shape::HEAD_DIMS;
 use blockflash::suite::{family_mask, FAMILIES};
 use blockflash::timing::{median_fwd_bwd_ms, Clock, Resident};
 use blockflash::{
     reference, BackwardTensors, Error, Gpu, Gradients, Mask, Path, Plan, PlanOptions, Reorder,
-    Shape,
+    Shape, Tier,
 };
 use wgpu::util::DeviceExt;
 
 use crate::common::{
-    baseline_gpu, gpu, inputs, poisoned, rel_l2, rounded, shuffled_band, small_binding_gpu, Rng,
+    baseline_gpu, emulated_gpu, gpu, inputs, poisoned, rel_l2, rounded, shuffled_band,
+    small_binding_gpu, Rng,
 };
 
 /// Relative L2 error allowed per gradient with f32 storage.
@@ -246,13 +247,26 @@ fn forced(path: Path, tile: Option<(usize, usize)>) -> PlanOptions {
 
 /// Checks `mask` on every path it is eligible for (run-length only where it is).
 fn every_path(what: &str, rng: &mut Rng, shape: Shape, mask: &Mask, tile: Option<(usize, usize)>) {
+    every_path_on(gpu(), what, rng, shape, mask, |path| forced(path, tile));
+}
+
+/// [`every_path`] on device `gpu` with the options `opts` gives each path.
+fn every_path_on(
+    gpu: &Gpu,
+    what: &str,
+    rng: &mut Rng,
+    shape: Shape,
+    mask: &Mask,
+    opts: impl Fn(Path) -> PlanOptions,
+) {
     for path in [Path::Dense, Path::RunLength, Path::Sparse] {
-        let opts = forced(path, tile);
-        match Plan::new(gpu(), shape, Some(mask), opts.clone()) {
+        let opts = opts(path);
+        match Plan::new(gpu, shape, Some(mask), opts.clone()) {
             Err(Error::PathNotEligible(_)) => assert_eq!(path, Path::RunLength, "{what}"),
             Err(e) => panic!("{what}: {e}"),
             Ok(_) => {
-                check_backward(&format!("{what} {path}"), rng, shape, Some(mask), opts);
+                let what = format!("{what} {path}");
+                check_backward_on(gpu, &what, rng, shape, Some(mask), opts);
             }
         }
     }
@@ -530,6 +544,74 @@ fn f16_storage_gradients_match_reference() {
             ..forced(path, None)
         };
         check_backward(&format!("f16 {path}"), &mut rng, shape, Some(&mask), opts);
+    }
+}
+
+/// The tensor-core tier's gradients, from its own dK/dV and dQ kernels where they fit (else the
+/// portable ones, as on lavapipe for 64-row tiles): on cooperative matrices where the adapter
+/// has them, else on emulated ones (the kernels' logic, tiles and masks).
+#[test]
+fn tensor_core_gradients_match_reference_on_every_family_path_and_shape() {
+    let g = emulated_gpu();
+    if let Err(e) = g.supports(Tier::TensorCore) {
+        panic!("emulated tensor cores need SHADER_F16: {e}");
+    }
+    let mut rng = Rng::fresh("backward tensor cores");
+    let tc = |path: Option<Path>, tile: Option<(usize, usize)>| PlanOptions {
+        dtype: DType::F16,
+        tier: Some(Tier::TensorCore),
+        reorder: Reorder::Off,
+        path,
+        tile,
+        ..Default::default()
+    };
+    // Every family and path; a length no tile divides, GQA; both tile heights by turns.
+    let seq = 100;
+    let shape = Shape {
+        batch: 1,
+        heads: 2,
+        kv_heads: 1,
+        seq_q: seq,
+        seq_k: seq,
+        head_dim: 64,
+    };
+    for (i, name) in FAMILIES.into_iter().enumerate() {
+        let mask = family_mask(name, seq, rng.next_u64()).unwrap();
+        let tile = Some([(16, 32), (32, 32)][i % 2]);
+        let what = format!("tensor cores {name} {tile:?}");
+        every_path_on(g, &what, &mut rng, shape, &mask, |p| tc(Some(p), tile));
+    }
+    // Head dims and tile shapes the plan picks, Nq != Nk (decoding-style causal: with Nq > Nk
+    // the first rows see no key), batch 2, and no mask.
+    for d in HEAD_DIMS {
+        if KernelConfig::candidates(&g.limits(), Tier::TensorCore, d).is_empty() {
+            let why = "no tile of this tier fits the adapter's limits";
+            eprintln!("SKIPPED tensor-core gradients at d={d}: {why}");
+            continue;
+        }
+        for (nq, nk) in [(45, 133), (133, 45)] {
+            let shape = Shape {
+                batch: 2,
+                heads: 4,
+                kv_heads: 2,
+                seq_q: nq,
+                seq_k: nk,
+                head_dim: d,
+            };
+            let mask = Mask::causal(nq, nk).unwrap();
+            let what = format!("tensor cores d={d} causal {nq}x{nk}");
+            check_backward_on(g, &what, &mut rng, shape, Some(&mask), tc(None, None));
+        }
+        let shape = Shape {
+            batch: 2,
+            heads: 2,
+            kv_heads: 2,
+            seq_q: 77,
+            seq_k: 77,
+            head_dim: d,
+        };
+        let what = format!("tensor cores d={d} no mask");
+        check_backward_on(g, &what, &mut rng, shape, None, tc(None, None));
     }
 }
 

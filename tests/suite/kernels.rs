@@ -4,8 +4,9 @@
 //! backward kernels alike.
 
 use blockflash::kernel::{
-    backward_layout, backward_module_source, emulated_tensor_core_source, module_source,
-    BackwardPass, KernelConfig, BACKWARD_PRE_THREADS, EMULATION_BYTES_PER_INVOCATION,
+    backward_layout, backward_module_source, emulated_tensor_core_backward_source,
+    emulated_tensor_core_source, module_source, BackwardPass, KernelConfig, BACKWARD_PRE_THREADS,
+    EMULATION_BYTES_PER_INVOCATION,
 };
 use blockflash::Tier;
 use wgpu::naga;
@@ -143,11 +144,14 @@ fn backward_workgroup_budget_matches_the_shader_and_fits_the_baseline() {
         ..baseline.clone()
     });
     for tier in TIERS {
-        let src = backward_module_source(tier.dtype());
         for d in blockflash::shape::HEAD_DIMS {
             for c in KernelConfig::candidates(&big, tier, d) {
-                let mut specialisations =
-                    vec![("pre", vec![("D", d), ("THREADS", BACKWARD_PRE_THREADS)], 0)];
+                let mut specialisations = vec![(
+                    "pre",
+                    false,
+                    vec![("D", d), ("THREADS", BACKWARD_PRE_THREADS)],
+                    0,
+                )];
                 for limits in &limits {
                     // Short walks and long ones (steps of one tile and of several).
                     let cases = [("dkdv", BackwardPass::DkDv), ("dq", BackwardPass::Dq)]
@@ -160,17 +164,49 @@ fn backward_workgroup_budget_matches_the_shader_and_fits_the_baseline() {
                             l.workgroup_bytes()
                                 <= limits.max_compute_workgroup_storage_size as usize
                         );
-                        let constants = l.constants().map(|(name, v)| (name, v as usize)).to_vec();
-                        specialisations.push((entry, constants, l.workgroup_bytes()));
+                        // Tensor-core plans get tensor-core gradients within NVIDIA's limits;
+                        // other tiers never do.
+                        if tier != Tier::TensorCore {
+                            assert!(!l.tensor_cores, "{tier} {c:?} {entry}");
+                        } else if limits.max_compute_workgroup_storage_size == 48 << 10 {
+                            assert!(l.tensor_cores, "{tier} {c:?} {entry}");
+                        }
+                        let constants: Vec<_> = l
+                            .constants()
+                            .into_iter()
+                            .map(|(name, v)| (name, v as usize))
+                            .collect();
+                        specialisations.push((
+                            entry,
+                            l.tensor_cores,
+                            constants,
+                            l.workgroup_bytes(),
+                        ));
                     }
                 }
-                for (entry, constants, budget) in specialisations {
+                for (entry, tensor_cores, constants, budget) in specialisations {
+                    let src = backward_module_source(tier.dtype(), tensor_cores);
                     // Naga keeps only what the entry point uses.
                     let declared = declared_bytes(&src, entry, &constants) as usize;
                     assert_eq!(
                         declared, budget,
                         "{tier} {c:?} {entry} {constants:?}: declares {declared}, budget {budget}"
                     );
+                    if tensor_cores {
+                        // The emulation adds its scratch, within the room Gpu leaves for it.
+                        let threads = constants.iter().find(|(n, _)| *n == "THREADS").unwrap().1;
+                        let emulated = declared_bytes(
+                            &emulated_tensor_core_backward_source(),
+                            entry,
+                            &constants,
+                        ) as usize;
+                        assert!(threads <= 128, "{c:?} {entry}: over the emulation's room");
+                        assert_eq!(
+                            emulated,
+                            budget + threads * EMULATION_BYTES_PER_INVOCATION,
+                            "{c:?} {entry}"
+                        );
+                    }
                     // The WebGPU baseline allows 8 storage buffers per shader stage.
                     let module = specialised(&src, entry, &constants);
                     let storage = module
@@ -199,6 +235,10 @@ fn subgroup_operations_stay_out_of_the_tensor_core_module_and_devices_without_th
     for subgroups in [false, true] {
         assert!(!uses_subgroups(&module_source(Tier::TensorCore, subgroups)));
     }
+    assert!(!uses_subgroups(&backward_module_source(
+        blockflash::kernel::DType::F16,
+        true
+    )));
     for tier in [Tier::PortableF32, Tier::PortableF16, Tier::PortableBf16] {
         let without = module_source(tier, false);
         assert!(!uses_subgroups(&without), "{tier}");

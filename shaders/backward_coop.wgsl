@@ -1,0 +1,332 @@
+// Tensor-core backward: backward.wgsl's dK/dV and dQ passes with their products (Sᵀ = K Qᵀ,
+// dPᵀ = V dOᵀ, dV += Pᵀ dO, dK += dSᵀ Q; S = Q Kᵀ, dP = dO Vᵀ, dQ += dS K) through cooperative
+// matrices (16x16x16, f16 operands, f32 accumulators), and P and dS by the threads through
+// workgroup memory. Needs common.wgsl and backward_walk.wgsl (bindings, the pre-pass, the
+// dK/dV pass's rows); the prologue enables f16 and wgpu_cooperative_matrix with Elem = f16. No
+// subgroup operations here (see attention_coop.wgsl).
+//
+//   dkdv: one workgroup per (key tile, key/value head, batch) as in backward.wgsl, BC / 16
+//         subgroups of 32 (THREADS = 2 BC): subgroup w owns keys [16 w, 16 w + 16) of the tile
+//         and their dK and dV accumulators. K and V of the tile stay in workgroup memory. The
+//         walk (the query tiles of the transposed block mask over the query heads of the group)
+//         goes in steps of RS rows of one query tile (RS divides BR): Q and dO of the step's
+//         rows staged with their statistics, Sᵀ and dPᵀ stored (f32), Pᵀ and dSᵀ by the
+//         threads (f16; thread t takes query column t % RS of the step, so it reads one row's
+//         mask bits), then the two products.
+//   dq:   one workgroup per query tile (the forward walk, never split), BR / 16 subgroups
+//         (THREADS = 2 BR): subgroup w owns rows [16 w, 16 w + 16) with their Q and dO fragments
+//         and dQ accumulators in registers. Per key tile: K and V staged, S and dP stored, dS by
+//         the threads (threads 2r and 2r + 1 take row r), dQ += dS K.
+// Results leave through workgroup memory 16 head-dim columns at a time (dK and dQ times the
+// softmax scale). Every loop that indexes a register array has a constant trip count once the
+// overrides are applied, and the host builds this module without bounds checks (see kernel.rs),
+// so that those arrays stay in registers. Every workgroup variable is an array (see
+// attention_coop.wgsl).
+
+override RS: u32 = 16u;        // dkdv: query rows per step (a multiple of 16 dividing BR)
+
+const DT_CAP: u32 = 8u;        // max D / 16
+const RT_CAP: u32 = 4u;        // max RS / 16 (dkdv) and BC / 16 (dq)
+
+// K (rows [0, BC)) and V (rows [BC, 2 BC)), rows padded by 8: dkdv's tile for the whole walk,
+// dq's current key tile (and first its Q and dO, BR <= 2 BC rows).
+var<workgroup> kv_sh: array<f16, 2u * BC * (D + 8u)>;
+// dkdv: Q (rows [0, RS)) and dO (rows [RS, 2 RS)) of a step; (LSE in log2 units, D) per row.
+var<workgroup> qd_sh: array<f16, 2u * RS * (D + 8u)>;
+var<workgroup> st_sh: array<f32, 2u * RS>;
+// dkdv: Sᵀ (rows [0, BC)) and dPᵀ (rows [BC, 2 BC)) of a step, then dK and dV on the way out;
+// Pᵀ and dSᵀ likewise, as f16 operands.
+var<workgroup> ft_sh: array<f32, 2u * BC * (RS + 4u)>;
+var<workgroup> pd_sh: array<f16, 2u * BC * (RS + 8u)>;
+// dq: S (rows [0, BR)) and dP (rows [BR, 2 BR)) of a key tile, then dQ on the way out; dS.
+var<workgroup> fq_sh: array<f32, 2u * BR * (BC + 4u)>;
+var<workgroup> ds_sh: array<f16, BR * (BC + 8u)>;
+
+fn put4h(dst: u32, val: vec4<f16>) {
+    kv_sh[dst] = val.x;
+    kv_sh[dst + 1u] = val.y;
+    kv_sh[dst + 2u] = val.z;
+    kv_sh[dst + 3u] = val.w;
+}
+
+// K and V of keys [key0, key0 + BC) of the K/V head at row kv_head into kv_sh (zeros past the
+// end).
+fn stage_kv(kv_head: u32, key0: u32, lid: u32) {
+    for (var e = lid; e < BC * (D / 4u); e += THREADS) {
+        let j = e / (D / 4u);
+        let c4 = e % (D / 4u);
+        var kv = vec4<f16>(0.0);
+        var vv = vec4<f16>(0.0);
+        if (key0 + j < P.seq_k) {
+            let g = (kv_head + token(key0 + j)) * (D / 4u) + c4;
+            kv = k_buf[g];
+            vv = v_buf[g];
+        }
+        put4h(j * (D + 8u) + 4u * c4, kv);
+        put4h((BC + j) * (D + 8u) + 4u * c4, vv);
+    }
+}
+
+// Q (or dO) of rows [q0, q0 + BR) of the query head at row q_head into kv_sh (zeros past the
+// end).
+fn stage_tile_rows(from_do: bool, q_head: u32, q0: u32, lid: u32) {
+    for (var e = lid; e < BR * (D / 4u); e += THREADS) {
+        let r = e / (D / 4u);
+        let c4 = e % (D / 4u);
+        var x = vec4<f16>(0.0);
+        if (q0 + r < P.seq_q) {
+            let g = (q_head + token(q0 + r)) * (D / 4u) + c4;
+            if (from_do) {
+                x = do_buf[g];
+            } else {
+                x = q_buf[g];
+            }
+        }
+        put4h(r * (D + 8u) + 4u * c4, x);
+    }
+}
+
+// Q and dO of rows [v0, v0 + RS) of `rows` into qd_sh, their statistics into st_sh; rows past
+// the end load as zeros with (NEG, 0), which masks them.
+fn stage_step(rows: Rows, v0: u32, lid: u32) {
+    for (var e = lid; e < RS * (D / 4u); e += THREADS) {
+        let r = e / (D / 4u);
+        let c4 = e % (D / 4u);
+        let a = row_at(rows, v0 + r);
+        var qv = vec4<f16>(0.0);
+        var dov = vec4<f16>(0.0);
+        if (a.seq < P.seq_q) {
+            let g = (a.q_head + token(a.seq)) * (D / 4u) + c4;
+            qv = q_buf[g];
+            dov = do_buf[g];
+        }
+        let s = r * (D + 8u) + 4u * c4;
+        let t = (RS + r) * (D + 8u) + 4u * c4;
+        qd_sh[s] = qv.x;
+        qd_sh[s + 1u] = qv.y;
+        qd_sh[s + 2u] = qv.z;
+        qd_sh[s + 3u] = qv.w;
+        qd_sh[t] = dov.x;
+        qd_sh[t + 1u] = dov.y;
+        qd_sh[t + 2u] = dov.z;
+        qd_sh[t + 3u] = dov.w;
+    }
+    for (var r = lid; r < RS; r += THREADS) {
+        let a = row_at(rows, v0 + r);
+        var st = vec2<f32>(NEG, 0.0);
+        if (a.seq < P.seq_q) {
+            let x = 2u * (a.q_head + token(a.seq));
+            st = vec2<f32>(scratch[x], scratch[x + 1u]);
+        }
+        st_sh[2u * r] = st.x;
+        st_sh[2u * r + 1u] = st.y;
+    }
+}
+
+// Key-tile columns and transposed entries as in backward.wgsl's dkdv.
+@compute @workgroup_size(THREADS)
+fn dkdv(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let col = P.t_cols_off + wg.x * 8u;
+    let kt = index_buf[col + 3u];
+    let b = index_buf[col + 4u] + wg.z;
+    let kv_head = (b * (P.heads / P.group) + wg.y) * P.seq_k;
+    let sg = lid / 32u;
+    stage_kv(kv_head, kt * BC, lid);
+    if (lid == 0u) {
+        walk = vec4<u32>(index_buf[col], index_buf[col + 1u], index_buf[col + 2u], 0u);
+    }
+    // (also the barrier after staging K and V)
+    let w = workgroupUniformLoad(&walk);
+    let rows = Rows(
+        (b * P.heads + wg.y * P.group) * P.seq_q,
+        P.group,
+        w.x,
+        w.y,
+        w.x + w.z,
+        PATH != 0u,
+        select(2u, 3u, DENSE_MASK),
+    );
+    var dk: array<coop_mat16x16<f32, C>, DT_CAP>;
+    var dv: array<coop_mat16x16<f32, C>, DT_CAP>;
+    for (var n = 0u; n < D / 16u; n++) {
+        dk[n] = coop_mat16x16<f32, C>();
+        dv[n] = coop_mat16x16<f32, C>();
+    }
+    var pa: array<coop_mat16x16<f16, A>, RT_CAP>;
+    var da: array<coop_mat16x16<f16, A>, RT_CAP>;
+    let i = lid % RS;
+    var pair: Item;
+    pair.b = b;
+    for (var v0 = 0u; v0 < P.group * (w.y - w.x) * BR; v0 += RS) {
+        stage_step(rows, v0, lid);
+        workgroupBarrier();
+        for (var n = 0u; n < RS / 16u; n++) {
+            var s = coop_mat16x16<f32, C>();
+            var dp = coop_mat16x16<f32, C>();
+            for (var kk = 0u; kk < D / 16u; kk++) {
+                let ka = coopLoadT<coop_mat16x16<f16, A>>(&kv_sh[sg * 16u * (D + 8u) + kk * 16u], D + 8u);
+                let qb = coopLoad<coop_mat16x16<f16, B>>(&qd_sh[n * 16u * (D + 8u) + kk * 16u], D + 8u);
+                s = coopMultiplyAdd(ka, qb, s);
+                let va = coopLoadT<coop_mat16x16<f16, A>>(&kv_sh[(BC + sg * 16u) * (D + 8u) + kk * 16u], D + 8u);
+                let db = coopLoad<coop_mat16x16<f16, B>>(&qd_sh[(RS + n * 16u) * (D + 8u) + kk * 16u], D + 8u);
+                dp = coopMultiplyAdd(va, db, dp);
+            }
+            coopStoreT(s, &ft_sh[sg * 16u * (RS + 4u) + n * 16u], RS + 4u);
+            coopStoreT(dp, &ft_sh[(BC + sg * 16u) * (RS + 4u) + n * 16u], RS + 4u);
+        }
+        workgroupBarrier();
+        // Pᵀ and dSᵀ of query column i against keys lid / RS + (THREADS / RS) m. A pair's state
+        // is its query tile's (the key tile is the column's own).
+        let a = row_at(rows, v0 + i);
+        let t = Tile(kt, a.state, a.slot);
+        pair.qt = a.qt;
+        let lse2 = st_sh[2u * i];
+        let delta = st_sh[2u * i + 1u];
+        for (var m = 0u; m < BC * RS / THREADS; m++) {
+            let j = lid / RS + (THREADS / RS) * m;
+            let key = kt * BC + j;
+            var ok = lse2 > NEG_CUT && key < P.seq_k;
+            if (ok && t.state != 2u) {
+                ok = allowed(t, pair, a.r, key);
+            }
+            let p = select(0.0, exp2(ft_sh[j * (RS + 4u) + i] * P.scale_log2 - lse2), ok);
+            pd_sh[j * (RS + 8u) + i] = f16(p);
+            pd_sh[(BC + j) * (RS + 8u) + i] = f16(p * (ft_sh[(BC + j) * (RS + 4u) + i] - delta));
+        }
+        workgroupBarrier();
+        for (var kk = 0u; kk < RS / 16u; kk++) {
+            pa[kk] = coopLoadT<coop_mat16x16<f16, A>>(&pd_sh[sg * 16u * (RS + 8u) + kk * 16u], RS + 8u);
+            da[kk] = coopLoadT<coop_mat16x16<f16, A>>(&pd_sh[(BC + sg * 16u) * (RS + 8u) + kk * 16u], RS + 8u);
+        }
+        for (var n = 0u; n < D / 16u; n++) {
+            for (var kk = 0u; kk < RS / 16u; kk++) {
+                let db = coopLoadT<coop_mat16x16<f16, B>>(&qd_sh[(RS + kk * 16u) * (D + 8u) + n * 16u], D + 8u);
+                dv[n] = coopMultiplyAdd(pa[kk], db, dv[n]);
+                let qb = coopLoadT<coop_mat16x16<f16, B>>(&qd_sh[kk * 16u * (D + 8u) + n * 16u], D + 8u);
+                dk[n] = coopMultiplyAdd(da[kk], qb, dk[n]);
+            }
+        }
+        workgroupBarrier();
+    }
+    // Key j = lid / 2, columns 8 (lid % 2) .. of each 16-column block.
+    let j = lid / 2u;
+    let key = kt * BC + j;
+    let scale = P.scale_log2 * LN2;
+    for (var n = 0u; n < D / 16u; n++) {
+        coopStoreT(dk[n], &ft_sh[sg * 16u * (RS + 4u)], RS + 4u);
+        coopStoreT(dv[n], &ft_sh[(BC + sg * 16u) * (RS + 4u)], RS + 4u);
+        workgroupBarrier();
+        if (key < P.seq_k) {
+            let dst = (kv_head + token(key)) * (D / 4u) + 4u * n + 2u * (lid % 2u);
+            for (var c = 0u; c < 2u; c++) {
+                let x = j * (RS + 4u) + 8u * (lid % 2u) + 4u * c;
+                let y = x + BC * (RS + 4u);
+                dk_buf[dst + c] = pack4(vec4<f32>(ft_sh[x], ft_sh[x + 1u], ft_sh[x + 2u], ft_sh[x + 3u]) * scale);
+                dv_buf[dst + c] = pack4(vec4<f32>(ft_sh[y], ft_sh[y + 1u], ft_sh[y + 2u], ft_sh[y + 3u]));
+            }
+        }
+        workgroupBarrier();
+    }
+}
+
+// Work items as the forward pass's (common.wgsl's work_item), none of them split.
+@compute @workgroup_size(THREADS)
+fn dq(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let it = work_item(wg, nwg, lid);
+    let sg = lid / 32u;
+    let r = lid / 2u;
+    let half = lid % 2u;
+    let q0 = it.qt * BR;
+    let q_head = (it.b * P.heads + it.h) * P.seq_q;
+    let kv_head = (it.b * (P.heads / P.group) + it.h / P.group) * P.seq_k;
+
+    // Q, then dO, of the tile through kv_sh into this subgroup's fragments.
+    var qa: array<coop_mat16x16<f16, A>, DT_CAP>;
+    var oa: array<coop_mat16x16<f16, A>, DT_CAP>;
+    stage_tile_rows(false, q_head, q0, lid);
+    workgroupBarrier();
+    for (var kk = 0u; kk < D / 16u; kk++) {
+        qa[kk] = coopLoadT<coop_mat16x16<f16, A>>(&kv_sh[sg * 16u * (D + 8u) + kk * 16u], D + 8u);
+    }
+    workgroupBarrier();
+    stage_tile_rows(true, q_head, q0, lid);
+    workgroupBarrier();
+    for (var kk = 0u; kk < D / 16u; kk++) {
+        oa[kk] = coopLoadT<coop_mat16x16<f16, A>>(&kv_sh[sg * 16u * (D + 8u) + kk * 16u], D + 8u);
+    }
+    var lse2 = NEG;
+    var delta = 0.0;
+    if (q0 + r < P.seq_q) {
+        let x = 2u * (q_head + token(q0 + r));
+        lse2 = scratch[x];
+        delta = scratch[x + 1u];
+    }
+    var acc: array<coop_mat16x16<f32, C>, DT_CAP>;
+    for (var n = 0u; n < D / 16u; n++) {
+        acc[n] = coop_mat16x16<f32, C>();
+    }
+    var dsa: array<coop_mat16x16<f16, A>, RT_CAP>;
+
+    for (var pos = it.first; pos < it.end; pos++) {
+        let t = tile_at(pos, it);
+        let key0 = t.kt * BC;
+        workgroupBarrier();
+        stage_kv(kv_head, key0, lid);
+        workgroupBarrier();
+        for (var n = 0u; n < BC / 16u; n++) {
+            var s = coop_mat16x16<f32, C>();
+            var dp = coop_mat16x16<f32, C>();
+            for (var kk = 0u; kk < D / 16u; kk++) {
+                let kb = coopLoad<coop_mat16x16<f16, B>>(&kv_sh[n * 16u * (D + 8u) + kk * 16u], D + 8u);
+                s = coopMultiplyAdd(qa[kk], kb, s);
+                let vb = coopLoad<coop_mat16x16<f16, B>>(&kv_sh[(BC + n * 16u) * (D + 8u) + kk * 16u], D + 8u);
+                dp = coopMultiplyAdd(oa[kk], vb, dp);
+            }
+            coopStoreT(s, &fq_sh[sg * 16u * (BC + 4u) + n * 16u], BC + 4u);
+            coopStoreT(dp, &fq_sh[(BR + sg * 16u) * (BC + 4u) + n * 16u], BC + 4u);
+        }
+        workgroupBarrier();
+        // dS of row r, columns 2 m + half.
+        for (var m = 0u; m < BC / 2u; m++) {
+            let j = 2u * m + half;
+            let key = key0 + j;
+            var ok = lse2 > NEG_CUT && key < P.seq_k;
+            if (ok && t.state != 2u) {
+                ok = allowed(t, it, r, key);
+            }
+            let p = select(0.0, exp2(fq_sh[r * (BC + 4u) + j] * P.scale_log2 - lse2), ok);
+            ds_sh[r * (BC + 8u) + j] = f16(p * (fq_sh[(BR + r) * (BC + 4u) + j] - delta));
+        }
+        workgroupBarrier();
+        for (var kk = 0u; kk < BC / 16u; kk++) {
+            dsa[kk] = coopLoadT<coop_mat16x16<f16, A>>(&ds_sh[sg * 16u * (BC + 8u) + kk * 16u], BC + 8u);
+        }
+        for (var n = 0u; n < D / 16u; n++) {
+            for (var kk = 0u; kk < BC / 16u; kk++) {
+                let kb = coopLoadT<coop_mat16x16<f16, B>>(&kv_sh[kk * 16u * (D + 8u) + n * 16u], D + 8u);
+                acc[n] = coopMultiplyAdd(dsa[kk], kb, acc[n]);
+            }
+        }
+    }
+    // Row r, columns 8 half .. of each 16-column block.
+    let scale = P.scale_log2 * LN2;
+    for (var n = 0u; n < D / 16u; n++) {
+        workgroupBarrier();
+        coopStoreT(acc[n], &fq_sh[sg * 16u * (BC + 4u)], BC + 4u);
+        workgroupBarrier();
+        if (q0 + r < P.seq_q) {
+            let dst = (q_head + token(q0 + r)) * (D / 4u) + 4u * n + 2u * half;
+            for (var c = 0u; c < 2u; c++) {
+                let x = r * (BC + 4u) + 8u * half + 4u * c;
+                dq_buf[dst + c] = pack4(vec4<f32>(fq_sh[x], fq_sh[x + 1u], fq_sh[x + 2u], fq_sh[x + 3u]) * scale);
+            }
+        }
+    }
+}
