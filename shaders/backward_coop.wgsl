@@ -12,21 +12,30 @@
 //         goes in steps of RS rows of one query tile (RS divides BR): Q and dO of the step's
 //         rows staged with their statistics, Sᵀ and dPᵀ stored (f32), Pᵀ and dSᵀ by the
 //         threads (f16; thread t takes query column t % RS of the step, so it reads one row's
-//         mask bits), then the two products.
+//         mask bits), then the two products. With PREFETCH, the next step's Q and dO are read
+//         into registers while this step computes.
 //   dq:   one workgroup per query tile (the forward walk, never split), BR / 16 subgroups
 //         (THREADS = 2 BR): subgroup w owns rows [16 w, 16 w + 16) with their Q and dO fragments
 //         and dQ accumulators in registers. Per key tile: K and V staged, S and dP stored, dS by
-//         the threads (threads 2r and 2r + 1 take row r), dQ += dS K.
+//         the threads (threads 2r and 2r + 1 take row r), dQ += dS K. With PREFETCH, the next
+//         key tile's K and V are read into registers while this one computes.
 // Results leave through workgroup memory 16 head-dim columns at a time (dK and dQ times the
-// softmax scale). Every loop that indexes a register array has a constant trip count once the
-// overrides are applied, and the host builds this module without bounds checks (see kernel.rs),
-// so that those arrays stay in registers. Every workgroup variable is an array (see
-// attention_coop.wgsl).
+// softmax scale). P and dS are rounded to f16 as product operands (P <= 1; |dS| beyond f16's
+// range, 65504, would overflow where the portable kernels stay finite). Every loop that indexes
+// a register array has a constant trip count once the overrides are applied, and the host builds
+// this module without bounds checks (see kernel.rs), so that those arrays stay in registers.
+// Workgroup variables of this file are arrays (see attention_coop.wgsl); common.wgsl's walk and
+// span vectors serve the walks, as in the forward kernel.
 
 override RS: u32 = 16u;        // dkdv: query rows per step (a multiple of 16 dividing BR)
+// Whether the pass reads the next step's Q and dO (dkdv) or the next key tile's K and V (dq)
+// into registers one step ahead, so that the loads overlap a step of work: set by the host
+// where a thread's share is at most PF_CAP vec4 and divides evenly.
+override PREFETCH: bool = false;
 
 const DT_CAP: u32 = 8u;        // max D / 16
 const RT_CAP: u32 = 4u;        // max RS / 16 (dkdv) and BC / 16 (dq)
+const PF_CAP: u32 = 8u;        // max vec4 per thread of a prefetched operand
 
 // K (rows [0, BC)) and V (rows [BC, 2 BC)), rows padded by 8: dkdv's tile for the whole walk,
 // dq's current key tile (and first its Q and dO, BR <= 2 BC rows).
@@ -49,21 +58,43 @@ fn put4h(dst: u32, val: vec4<f16>) {
     kv_sh[dst + 3u] = val.w;
 }
 
-// K and V of keys [key0, key0 + BC) of the K/V head at row kv_head into kv_sh (zeros past the
-// end).
+// Element e (four values) of the K (or V) tile of keys [key0, key0 + BC) of the K/V head at row
+// kv_head (zeros past the end), and where it goes in kv_sh.
+fn kv_elem(from_v: bool, kv_head: u32, key0: u32, e: u32) -> vec4<f16> {
+    let j = e / (D / 4u);
+    if (key0 + j >= P.seq_k) {
+        return vec4<f16>(0.0);
+    }
+    let g = (kv_head + token(key0 + j)) * (D / 4u) + e % (D / 4u);
+    if (from_v) {
+        return v_buf[g];
+    }
+    return k_buf[g];
+}
+
+fn put_kv(from_v: bool, e: u32, val: vec4<f16>) {
+    put4h((select(0u, BC, from_v) + e / (D / 4u)) * (D + 8u) + 4u * (e % (D / 4u)), val);
+}
+
+// K and V of keys [key0, key0 + BC) into kv_sh.
 fn stage_kv(kv_head: u32, key0: u32, lid: u32) {
     for (var e = lid; e < BC * (D / 4u); e += THREADS) {
-        let j = e / (D / 4u);
-        let c4 = e % (D / 4u);
-        var kv = vec4<f16>(0.0);
-        var vv = vec4<f16>(0.0);
-        if (key0 + j < P.seq_k) {
-            let g = (kv_head + token(key0 + j)) * (D / 4u) + c4;
-            kv = k_buf[g];
-            vv = v_buf[g];
-        }
-        put4h(j * (D + 8u) + 4u * c4, kv);
-        put4h((BC + j) * (D + 8u) + 4u * c4, vv);
+        put_kv(false, e, kv_elem(false, kv_head, key0, e));
+        put_kv(true, e, kv_elem(true, kv_head, key0, e));
+    }
+}
+
+// With PREFETCH: this thread's share of a K (or V) tile, read into registers a tile ahead, and
+// written into kv_sh.
+fn fetch_kv(regs: ptr<function, array<vec4<f16>, PF_CAP>>, from_v: bool, kv_head: u32, key0: u32, lid: u32) {
+    for (var i = 0u; i < min(BC * D / 4u / THREADS, PF_CAP); i++) {
+        (*regs)[i] = kv_elem(from_v, kv_head, key0, lid + i * THREADS);
+    }
+}
+
+fn put_kv_regs(regs: ptr<function, array<vec4<f16>, PF_CAP>>, from_v: bool, lid: u32) {
+    for (var i = 0u; i < min(BC * D / 4u / THREADS, PF_CAP); i++) {
+        put_kv(from_v, lid + i * THREADS, (*regs)[i]);
     }
 }
 
@@ -86,41 +117,94 @@ fn stage_tile_rows(from_do: bool, q_head: u32, q0: u32, lid: u32) {
     }
 }
 
-// Q and dO of rows [v0, v0 + RS) of `rows` into qd_sh, their statistics into st_sh; rows past
-// the end load as zeros with (NEG, 0), which masks them.
+// Element e (four values) of Q and of dO of rows [v0, v0 + RS) of `rows` (zeros past the end).
+struct RowElem {
+    q: vec4<f16>,
+    d: vec4<f16>,
+}
+
+fn row_elem(rows: Rows, v0: u32, e: u32) -> RowElem {
+    let a = row_at(rows, v0 + e / (D / 4u));
+    var x = RowElem(vec4<f16>(0.0), vec4<f16>(0.0));
+    if (a.seq < P.seq_q) {
+        let g = (a.q_head + token(a.seq)) * (D / 4u) + e % (D / 4u);
+        x = RowElem(q_buf[g], do_buf[g]);
+    }
+    return x;
+}
+
+fn put_row_elem(e: u32, x: RowElem) {
+    let s = (e / (D / 4u)) * (D + 8u) + 4u * (e % (D / 4u));
+    let t = s + RS * (D + 8u);
+    qd_sh[s] = x.q.x;
+    qd_sh[s + 1u] = x.q.y;
+    qd_sh[s + 2u] = x.q.z;
+    qd_sh[s + 3u] = x.q.w;
+    qd_sh[t] = x.d.x;
+    qd_sh[t + 1u] = x.d.y;
+    qd_sh[t + 2u] = x.d.z;
+    qd_sh[t + 3u] = x.d.w;
+}
+
+// (LSE in log2 units, D) of row v of `rows`; (NEG, 0) past the end, which masks the row.
+fn row_stats(rows: Rows, v: u32) -> vec2<f32> {
+    let a = row_at(rows, v);
+    if (a.seq >= P.seq_q) {
+        return vec2<f32>(NEG, 0.0);
+    }
+    let x = 2u * (a.q_head + token(a.seq));
+    return vec2<f32>(scratch[x], scratch[x + 1u]);
+}
+
+// Q and dO of rows [v0, v0 + RS) of `rows` into qd_sh, their statistics into st_sh.
 fn stage_step(rows: Rows, v0: u32, lid: u32) {
     for (var e = lid; e < RS * (D / 4u); e += THREADS) {
-        let r = e / (D / 4u);
-        let c4 = e % (D / 4u);
-        let a = row_at(rows, v0 + r);
-        var qv = vec4<f16>(0.0);
-        var dov = vec4<f16>(0.0);
-        if (a.seq < P.seq_q) {
-            let g = (a.q_head + token(a.seq)) * (D / 4u) + c4;
-            qv = q_buf[g];
-            dov = do_buf[g];
-        }
-        let s = r * (D + 8u) + 4u * c4;
-        let t = (RS + r) * (D + 8u) + 4u * c4;
-        qd_sh[s] = qv.x;
-        qd_sh[s + 1u] = qv.y;
-        qd_sh[s + 2u] = qv.z;
-        qd_sh[s + 3u] = qv.w;
-        qd_sh[t] = dov.x;
-        qd_sh[t + 1u] = dov.y;
-        qd_sh[t + 2u] = dov.z;
-        qd_sh[t + 3u] = dov.w;
+        put_row_elem(e, row_elem(rows, v0, e));
     }
-    for (var r = lid; r < RS; r += THREADS) {
-        let a = row_at(rows, v0 + r);
-        var st = vec2<f32>(NEG, 0.0);
-        if (a.seq < P.seq_q) {
-            let x = 2u * (a.q_head + token(a.seq));
-            st = vec2<f32>(scratch[x], scratch[x + 1u]);
-        }
-        st_sh[2u * r] = st.x;
-        st_sh[2u * r + 1u] = st.y;
+    if (lid < RS) {
+        let st = row_stats(rows, v0 + lid);
+        st_sh[2u * lid] = st.x;
+        st_sh[2u * lid + 1u] = st.y;
     }
+}
+
+// With PREFETCH: this thread's share of a step's Q and dO (and its row's statistics, threads
+// below RS), read into registers a step ahead, and written into qd_sh and st_sh.
+struct StepRegs {
+    q: array<vec4<f16>, PF_CAP>,
+    d: array<vec4<f16>, PF_CAP>,
+    st: vec2<f32>,
+}
+
+fn fetch_step(regs: ptr<function, StepRegs>, rows: Rows, v0: u32, lid: u32) {
+    for (var i = 0u; i < min(RS * D / 4u / THREADS, PF_CAP); i++) {
+        let x = row_elem(rows, v0, lid + i * THREADS);
+        (*regs).q[i] = x.q;
+        (*regs).d[i] = x.d;
+    }
+    if (lid < RS) {
+        (*regs).st = row_stats(rows, v0 + lid);
+    }
+}
+
+fn put_step(regs: ptr<function, StepRegs>, lid: u32) {
+    for (var i = 0u; i < min(RS * D / 4u / THREADS, PF_CAP); i++) {
+        put_row_elem(lid + i * THREADS, RowElem((*regs).q[i], (*regs).d[i]));
+    }
+    if (lid < RS) {
+        st_sh[2u * lid] = (*regs).st.x;
+        st_sh[2u * lid + 1u] = (*regs).st.y;
+    }
+}
+
+// The mask bits of row r of query tile it.qt against keys [key0, key0 + 32) (BC = 32) in tile
+// t: all ones for full tiles, and where the row has no allowed key (lse2 = NEG: it may lie past
+// the end) or the keys start past the end; bit j is key0 + j.
+fn row_bits(t: Tile, it: Item, r: u32, key0: u32, lse2: f32) -> u32 {
+    if (t.state == 2u || lse2 <= NEG_CUT || key0 >= P.seq_k) {
+        return 0xffffffffu;
+    }
+    return mask_word(mask_word_at(t, it, r, key0));
 }
 
 // Key-tile columns and transposed entries as in backward.wgsl's dkdv.
@@ -160,22 +244,41 @@ fn dkdv(
     let i = lid % RS;
     var pair: Item;
     pair.b = b;
-    for (var v0 = 0u; v0 < P.group * (w.y - w.x) * BR; v0 += RS) {
-        stage_step(rows, v0, lid);
+    let total = P.group * (w.y - w.x) * BR;
+    var pf: StepRegs;
+    if (PREFETCH && total > 0u) {
+        fetch_step(&pf, rows, 0u, lid);
+    }
+    for (var v0 = 0u; v0 < total; v0 += RS) {
+        if (PREFETCH) {
+            put_step(&pf, lid);
+        } else {
+            stage_step(rows, v0, lid);
+        }
         workgroupBarrier();
+        if (PREFETCH && v0 + RS < total) {
+            fetch_step(&pf, rows, v0 + RS, lid);
+        }
+        // (each K and V fragment loaded once per step)
+        var s: array<coop_mat16x16<f32, C>, RT_CAP>;
+        var dp: array<coop_mat16x16<f32, C>, RT_CAP>;
         for (var n = 0u; n < RS / 16u; n++) {
-            var s = coop_mat16x16<f32, C>();
-            var dp = coop_mat16x16<f32, C>();
-            for (var kk = 0u; kk < D / 16u; kk++) {
-                let ka = coopLoadT<coop_mat16x16<f16, A>>(&kv_sh[sg * 16u * (D + 8u) + kk * 16u], D + 8u);
+            s[n] = coop_mat16x16<f32, C>();
+            dp[n] = coop_mat16x16<f32, C>();
+        }
+        for (var kk = 0u; kk < D / 16u; kk++) {
+            let ka = coopLoadT<coop_mat16x16<f16, A>>(&kv_sh[sg * 16u * (D + 8u) + kk * 16u], D + 8u);
+            let va = coopLoadT<coop_mat16x16<f16, A>>(&kv_sh[(BC + sg * 16u) * (D + 8u) + kk * 16u], D + 8u);
+            for (var n = 0u; n < RS / 16u; n++) {
                 let qb = coopLoad<coop_mat16x16<f16, B>>(&qd_sh[n * 16u * (D + 8u) + kk * 16u], D + 8u);
-                s = coopMultiplyAdd(ka, qb, s);
-                let va = coopLoadT<coop_mat16x16<f16, A>>(&kv_sh[(BC + sg * 16u) * (D + 8u) + kk * 16u], D + 8u);
+                s[n] = coopMultiplyAdd(ka, qb, s[n]);
                 let db = coopLoad<coop_mat16x16<f16, B>>(&qd_sh[(RS + n * 16u) * (D + 8u) + kk * 16u], D + 8u);
-                dp = coopMultiplyAdd(va, db, dp);
+                dp[n] = coopMultiplyAdd(va, db, dp[n]);
             }
-            coopStoreT(s, &ft_sh[sg * 16u * (RS + 4u) + n * 16u], RS + 4u);
-            coopStoreT(dp, &ft_sh[(BC + sg * 16u) * (RS + 4u) + n * 16u], RS + 4u);
+        }
+        for (var n = 0u; n < RS / 16u; n++) {
+            coopStoreT(s[n], &ft_sh[sg * 16u * (RS + 4u) + n * 16u], RS + 4u);
+            coopStoreT(dp[n], &ft_sh[(BC + sg * 16u) * (RS + 4u) + n * 16u], RS + 4u);
         }
         workgroupBarrier();
         // Pᵀ and dSᵀ of query column i against keys lid / RS + (THREADS / RS) m. A pair's state
@@ -185,13 +288,10 @@ fn dkdv(
         pair.qt = a.qt;
         let lse2 = st_sh[2u * i];
         let delta = st_sh[2u * i + 1u];
+        let bits = row_bits(t, pair, a.r, kt * BC, lse2);
         for (var m = 0u; m < BC * RS / THREADS; m++) {
             let j = lid / RS + (THREADS / RS) * m;
-            let key = kt * BC + j;
-            var ok = lse2 > NEG_CUT && key < P.seq_k;
-            if (ok && t.state != 2u) {
-                ok = allowed(t, pair, a.r, key);
-            }
+            let ok = lse2 > NEG_CUT && kt * BC + j < P.seq_k && ((bits >> j) & 1u) != 0u;
             let p = select(0.0, exp2(ft_sh[j * (RS + 4u) + i] * P.scale_log2 - lse2), ok);
             pd_sh[j * (RS + 8u) + i] = f16(p);
             pd_sh[(BC + j) * (RS + 8u) + i] = f16(p * (ft_sh[(BC + j) * (RS + 4u) + i] - delta));
@@ -246,6 +346,13 @@ fn dq(
     let q0 = it.qt * BR;
     let q_head = (it.b * P.heads + it.h) * P.seq_q;
     let kv_head = (it.b * (P.heads / P.group) + it.h / P.group) * P.seq_k;
+    var kr: array<vec4<f16>, PF_CAP>;
+    var vr: array<vec4<f16>, PF_CAP>;
+    if (PREFETCH && it.first < it.end) {
+        let key0 = tile_at(it.first, it).kt * BC;
+        fetch_kv(&kr, false, kv_head, key0, lid);
+        fetch_kv(&vr, true, kv_head, key0, lid);
+    }
 
     // Q, then dO, of the tile through kv_sh into this subgroup's fragments.
     var qa: array<coop_mat16x16<f16, A>, DT_CAP>;
@@ -278,8 +385,18 @@ fn dq(
         let t = tile_at(pos, it);
         let key0 = t.kt * BC;
         workgroupBarrier();
-        stage_kv(kv_head, key0, lid);
+        if (PREFETCH) {
+            put_kv_regs(&kr, false, lid);
+            put_kv_regs(&vr, true, lid);
+        } else {
+            stage_kv(kv_head, key0, lid);
+        }
         workgroupBarrier();
+        if (PREFETCH && pos + 1u < it.end) {
+            let key1 = tile_at(pos + 1u, it).kt * BC;
+            fetch_kv(&kr, false, kv_head, key1, lid);
+            fetch_kv(&vr, true, kv_head, key1, lid);
+        }
         for (var n = 0u; n < BC / 16u; n++) {
             var s = coop_mat16x16<f32, C>();
             var dp = coop_mat16x16<f32, C>();
@@ -294,13 +411,10 @@ fn dq(
         }
         workgroupBarrier();
         // dS of row r, columns 2 m + half.
+        let bits = row_bits(t, it, r, key0, lse2);
         for (var m = 0u; m < BC / 2u; m++) {
             let j = 2u * m + half;
-            let key = key0 + j;
-            var ok = lse2 > NEG_CUT && key < P.seq_k;
-            if (ok && t.state != 2u) {
-                ok = allowed(t, it, r, key);
-            }
+            let ok = lse2 > NEG_CUT && key0 + j < P.seq_k && ((bits >> j) & 1u) != 0u;
             let p = select(0.0, exp2(fq_sh[r * (BC + 4u) + j] * P.scale_log2 - lse2), ok);
             ds_sh[r * (BC + 8u) + j] = f16(p * (fq_sh[(BR + r) * (BC + 4u) + j] - delta));
         }

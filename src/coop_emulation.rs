@@ -11,6 +11,9 @@
 //! 8 (l % 2) + 7. A product goes through workgroup memory (16 f32 per invocation) between two
 //! barriers, in f32 on operands the kernel loaded from f16. `coopLoad`/`coopStore` are
 //! column-major, the `T` forms row-major, as in wgpu.
+//!
+//! Each emulated product is bracketed by two workgroup barriers, so an emulated run cannot
+//! reveal a barrier missing around cooperative-matrix operations: only real ones can.
 
 use std::collections::BTreeSet;
 

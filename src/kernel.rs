@@ -258,7 +258,9 @@ impl BackwardLayout {
             ("THREADS", self.threads as f64),
             ("RS", self.rows as f64),
         ];
-        if !self.tensor_cores {
+        if self.tensor_cores {
+            c.push(("PREFETCH", self.prefetch() as u32 as f64));
+        } else {
             c.extend([
                 ("KS", self.keys as f64),
                 ("DC", self.dc as f64),
@@ -267,6 +269,21 @@ impl BackwardLayout {
             ]);
         }
         c
+    }
+
+    /// Whether the tensor-core pass reads the next step's operands (dK/dV: Q and dO of the next
+    /// rows; dQ: K and V of the next key tile) into registers a step ahead (its PREFETCH): where
+    /// a thread's share divides evenly and is at most 8 vec4, as for the forward kernel.
+    pub fn prefetch(&self) -> bool {
+        let lines = if self.pass == BackwardPass::DkDv {
+            self.rows
+        } else {
+            self.tile_cols
+        };
+        let share = lines * self.head_dim / 4;
+        self.tensor_cores
+            && share.is_multiple_of(self.threads)
+            && share / self.threads <= TENSOR_CORE_PREFETCH_MAX
     }
 
     /// Words one step moves: operand reads from workgroup memory (each thread reads the rows
@@ -324,13 +341,17 @@ impl BackwardLayout {
         if self.tensor_cores {
             // DT_CAP and RT_CAP; Q and dO of a dQ tile pass through K and V's buffers.
             let (br, bc, d, rs) = (self.tile_rows, self.tile_cols, self.head_dim, self.rows);
+            // dK/dV: thread t takes query column t % RS of a step, so RS divides THREADS = 2 BC;
+            // a row's mask bits against a key tile are one word (BC = 32).
             return fits
+                && bc == 32
                 && d.is_multiple_of(16)
                 && d / 16 <= TENSOR_CORE_DT_CAP
                 && rs.is_multiple_of(16)
                 && rs / 16 <= 4
                 && bc / 16 <= 4
-                && br <= 2 * bc;
+                && br <= 2 * bc
+                && self.threads.is_multiple_of(rs);
         }
         let (br, bc, d, t, rs, ks, dc, sx, ax) = (
             self.tile_rows,

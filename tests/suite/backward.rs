@@ -613,6 +613,30 @@ fn tensor_core_gradients_match_reference_on_every_family_path_and_shape() {
         let what = format!("tensor cores d={d} no mask");
         check_backward_on(g, &what, &mut rng, shape, None, tc(None, None));
     }
+    // Tokens reordered by Reverse Cuthill–McKee (a scattered band).
+    let n = 96;
+    let shape = Shape {
+        batch: 1,
+        heads: 2,
+        kv_heads: 1,
+        seq_q: n,
+        seq_k: n,
+        head_dim: 32,
+    };
+    let mask = shuffled_band(&mut rng, n, 6);
+    let opts = PlanOptions {
+        reorder: Reorder::On,
+        ..tc(Some(Path::Sparse), Some((16, 32)))
+    };
+    let plan = check_backward_on(
+        g,
+        "tensor cores reordered",
+        &mut rng,
+        shape,
+        Some(&mask),
+        opts,
+    );
+    assert!(plan.describe().contains("reordered"), "{}", plan.describe());
 }
 
 #[test]
