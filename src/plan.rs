@@ -675,7 +675,8 @@ impl Plan {
         self.build_ms
     }
 
-    /// What the plan chose and why.
+    /// What the plan chose and why; once a backward call has built its kernels, which ones
+    /// its dK/dV and dQ passes run.
     pub fn describe(&self) -> String {
         let s = &self.shape;
         let c = &self.config;
@@ -751,6 +752,9 @@ impl Plan {
                 "split-KV: {merges} heavy query tile(s) split into {slots} workgroups, merged by \
                  log-sum-exp"
             );
+        }
+        if let Some(b) = self.backward.get() {
+            d += &b.describe();
         }
         d += &self.why;
         d

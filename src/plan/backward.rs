@@ -71,6 +71,36 @@ struct BackwardChunk {
     columns: u32,
 }
 
+impl Backward {
+    /// One line for [`Plan::describe`]: which kernels the two walking passes run.
+    pub(super) fn describe(&self) -> String {
+        let pass = |l: &BackwardLayout| {
+            if l.tensor_cores {
+                format!(
+                    "tensor cores ({} threads, steps of {} rows{})",
+                    l.threads,
+                    l.rows,
+                    if l.prefetch() {
+                        ", next step prefetched"
+                    } else {
+                        ""
+                    }
+                )
+            } else {
+                format!(
+                    "portable ({} threads, steps of {} rows x {} keys, head-dim chunk {})",
+                    l.threads, l.rows, l.keys, l.dc
+                )
+            }
+        };
+        format!(
+            "backward: dK/dV {}; dQ {}\n",
+            pass(&self.layouts[0]),
+            pass(&self.layouts[1])
+        )
+    }
+}
+
 impl Plan {
     /// The backward state, built on first use.
     fn backward_state(&self) -> Result<&Backward> {

@@ -581,6 +581,22 @@ fn tensor_core_gradients_match_reference_on_every_family_path_and_shape() {
         let what = format!("tensor cores {name} {tile:?}");
         every_path_on(g, &what, &mut rng, shape, &mask, |p| tc(Some(p), tile));
     }
+    // At d64 the plan's tiles fit the tensor-core kernels within 24 KiB of workgroup memory
+    // (lavapipe's under emulation) and 48 KiB, so it is they that ran.
+    let mask = family_mask("causal", seq, rng.next_u64()).unwrap();
+    let plan = check_backward_on(
+        g,
+        "tensor cores",
+        &mut rng,
+        shape,
+        Some(&mask),
+        tc(None, None),
+    );
+    let described = plan.describe();
+    assert!(
+        described.contains("backward: dK/dV tensor cores") && described.contains("dQ tensor cores"),
+        "{described}"
+    );
     // Head dims and tile shapes the plan picks, Nq != Nk (decoding-style causal: with Nq > Nk
     // the first rows see no key), batch 2, and no mask.
     for d in HEAD_DIMS {
