@@ -94,6 +94,15 @@ impl BenchArgs {
 /// Seed of the random Q, K, V.
 const INPUT_SEED: u64 = 11;
 
+/// A rate in TFLOP/s; below 0.01 (CPU adapters run at a few GFLOP/s) in scientific notation.
+fn rate(tflops: f64) -> String {
+    if tflops >= 0.01 {
+        format!("{tflops:.3}")
+    } else {
+        format!("{tflops:.2e}")
+    }
+}
+
 /// Prints a markdown table of suite results; forward + backward rows add the forward parts'
 /// times and the gradients' errors.
 fn print_table(rows: &[CaseResult]) {
@@ -107,7 +116,7 @@ fn print_table(rows: &[CaseResult]) {
     println!("{head}\n|{}", "---|".repeat(head.matches(" |").count()));
     for r in rows {
         let mut line = format!(
-            "| {} | {} | {:.3} | {} | {}x{} | {:.3} | {:.3} | {:.2}x | {:.2}x | {:.3} | {:.1e} |",
+            "| {} | {} | {:.3} | {} | {}x{} | {:.3} | {:.3} | {:.2}x | {:.2}x | {} | {:.1e} |",
             r.pass(),
             r.mask,
             r.active_tiles,
@@ -118,7 +127,7 @@ fn print_table(rows: &[CaseResult]) {
             r.ms_masked,
             r.speedup,
             r.ideal_speedup,
-            r.tflops,
+            rate(r.tflops),
             r.max_rel_error
         );
         if let Some(b) = &r.backward {
