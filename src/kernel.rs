@@ -349,7 +349,6 @@ impl BackwardLayout {
                 && d / 16 <= TENSOR_CORE_DT_CAP
                 && rs.is_multiple_of(16)
                 && rs / 16 <= 4
-                && bc / 16 <= 4
                 && br <= 2 * bc
                 && self.threads.is_multiple_of(rs);
         }
@@ -414,8 +413,15 @@ pub fn backward_layout(
 ) -> Option<BackwardLayout> {
     let (br, bc, d) = (config.tile_rows, config.tile_cols, config.head_dim);
     if config.tier == Tier::TensorCore && pass != BackwardPass::Pre {
-        let steps = [br, br / 2, br / 4].into_iter();
+        // dK/dV steps of a whole query tile, or of a half or a quarter of it; dQ takes whole tiles.
+        let steps: &[usize] = if pass == BackwardPass::DkDv {
+            &[br, br / 2, br / 4]
+        } else {
+            &[br]
+        };
         let tensor_cores = steps
+            .iter()
+            .copied()
             .filter(|&rs| rs >= 16 && br.is_multiple_of(rs))
             .map(|rs| BackwardLayout {
                 pass,
@@ -423,7 +429,7 @@ pub fn backward_layout(
                 tile_cols: bc,
                 head_dim: d,
                 threads: 2 * if pass == BackwardPass::DkDv { bc } else { br },
-                rows: if pass == BackwardPass::DkDv { rs } else { br },
+                rows: rs,
                 keys: bc,
                 dc: d,
                 sx: 0,
@@ -579,9 +585,11 @@ const PORTABLE: [(usize, usize, usize, usize); 8] = [
 const TENSOR_CORE: [(usize, usize); 3] = [(64, 32), (32, 32), (16, 32)];
 /// Most head-dim blocks of 16 the tensor-core kernel holds in registers (its DT_CAP).
 const TENSOR_CORE_DT_CAP: usize = 8;
-/// Most vec4 of a K or V tile per thread for which the tensor-core kernel fetches a tile ahead
-/// into registers (its KV_CAP): d = 64 at 64x32 (4) ran 1.7x faster with it on the H100; at
-/// d = 128, 32x32 (16 per thread) the registers spilled and it ran 5x slower.
+/// Most vec4 of a K or V tile per thread for which the tensor-core kernels fetch a tile ahead
+/// into registers (KV_CAP, and the backward's PF_CAP): d = 64 at 64x32 (4) ran 1.7x faster with
+/// it on the H100; 8 on the H200: d = 64 at 32x32 2.6x faster (documents, N4096), d = 128 at
+/// 64x32 1.27x faster (dense, N16384) than the copy straight to workgroup memory; at d = 128,
+/// 32x32 (16 per thread) the registers spilled and it ran 5x slower.
 const TENSOR_CORE_PREFETCH_MAX: usize = 8;
 
 /// Workgroup memory of common.wgsl's `walk` (vec4<u32>) and `span` (vec2<u32>).
@@ -780,6 +788,15 @@ struct CacheInner {
 
 /// A shader module from blockflash's own WGSL, without wgpu's loop bounding and, where
 /// `bounds_checks` is false, without the index clamping that wgpu adds to it.
+/// Whether tensor-core modules on `device` run with emulated cooperative matrices: a
+/// tensor-core plan on a device without them comes from a Gpu that emulates them
+/// (Gpu::with_tensor_core_emulation).
+fn emulates_coop(device: &wgpu::Device) -> bool {
+    !device
+        .features()
+        .contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX)
+}
+
 fn trusted_module(
     device: &wgpu::Device,
     label: &str,
@@ -876,11 +893,7 @@ impl PipelineCache {
                 let subgroups = features.contains(wgpu::Features::SUBGROUP);
                 let tier = variant.config.tier;
                 let mut source = module_source(tier, subgroups);
-                // A tensor-core plan on a device without cooperative matrices comes from a Gpu
-                // that emulates them (Gpu::with_tensor_core_emulation).
-                if tier == Tier::TensorCore
-                    && !features.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX)
-                {
+                if tier == Tier::TensorCore && emulates_coop(device) {
                     source = emulated_tensor_core_source();
                 }
                 // Index clamping kept the tensor-core kernel's register arrays in local
@@ -988,13 +1001,8 @@ impl PipelineCache {
             .entry((dtype, tensor_cores))
             .or_insert_with(|| {
                 let mut source = backward_module_source(dtype, tensor_cores);
-                // As for the forward module: emulated where the device has no cooperative
-                // matrices, and built without index clamping.
-                if tensor_cores
-                    && !device
-                        .features()
-                        .contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX)
-                {
+                // As the forward module: built without index clamping.
+                if tensor_cores && emulates_coop(device) {
                     source = emulated_tensor_core_backward_source();
                 }
                 trusted_module(device, "blockflash backward", source, !tensor_cores)
