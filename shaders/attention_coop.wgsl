@@ -126,6 +126,17 @@ fn main(
     let q0 = it.qt * BR;
     let hk = it.h / P.group;
 
+    let kv_head = (it.b * (P.heads / P.group) + hk) * P.seq_k * D;
+    let kvt = BC * (D + 8u);
+    // With PREFETCH the first K/V tile is fetched into registers before Q is read, so that the
+    // two wait for global memory together (Q passes through the K buffer).
+    var kr: array<vec4<f16>, KV_CAP>;
+    var vr: array<vec4<f16>, KV_CAP>;
+    if (PREFETCH && it.first < it.end) {
+        let key0 = tile_at(it.first, it).kt * BC;
+        fetch(&kr, false, kv_head, key0, lid);
+        fetch(&vr, true, kv_head, key0, lid);
+    }
     let q_head = (it.b * P.heads + it.h) * P.seq_q * D;
     for (var e = lid; e < BR * D; e += THREADS) {
         let row = e / D;
@@ -149,19 +160,11 @@ fn main(
     }
     var m_i = NEG;
     var l_i = 0.0;
-    let kv_head = (it.b * (P.heads / P.group) + hk) * P.seq_k * D;
     var sv: array<f32, HALF_CAP>;
     var pa: array<coop_mat16x16<f16, A>, KT_CAP>;
-    let kvt = BC * (D + 8u);
 
-    // The first tile straight in (once every subgroup has its Q), the second into registers.
-    var kr: array<vec4<f16>, KV_CAP>;
-    var vr: array<vec4<f16>, KV_CAP>;
-    if (PREFETCH && it.first < it.end) {
-        let key0 = tile_at(it.first, it).kt * BC;
-        fetch(&kr, false, kv_head, key0, lid);
-        fetch(&vr, true, kv_head, key0, lid);
-    }
+    // Once every subgroup has its Q fragments, the first tile goes into the K/V buffers
+    // (without PREFETCH straight from global memory) and, with PREFETCH, the second is fetched.
     workgroupBarrier();
     if (PREFETCH) {
         put(kr, 0u, lid);
@@ -182,6 +185,14 @@ fn main(
         let t = tile_at(pos, it);
         let key0 = t.kt * BC;
         let vb = kvt * (1u + (pos - it.first) % 2u);
+        // This row's mask words, read before S so that the products hide their latency.
+        let masked = key0 + BC > P.seq_k || t.state != 2u;
+        var words = array<u32, 2>(0xffffffffu, 0xffffffffu);
+        if (masked) {
+            for (var wi = 0u; wi < BC / 32u; wi++) {
+                words[wi] = row_word(t, it, r, key0, wi);
+            }
+        }
         // S in BC / 16 independent accumulator chains.
         var cs: array<coop_mat16x16<f32, C>, KT_CAP>;
         for (var n = 0u; n < BC / 16u; n++) {
@@ -218,13 +229,6 @@ fn main(
 
         // Scale into log2 units and mask this thread's columns 2j + half; the maximum over
         // four independent chains.
-        let masked = key0 + BC > P.seq_k || t.state != 2u;
-        var words = array<u32, 2>(0xffffffffu, 0xffffffffu);
-        if (masked) {
-            for (var wi = 0u; wi < BC / 32u; wi++) {
-                words[wi] = row_word(t, it, r, key0, wi);
-            }
-        }
         var mx4 = vec4<f32>(NEG);
         for (var j = 0u; j < BC / 2u; j++) {
             let col = 2u * j + half;
@@ -238,10 +242,13 @@ fn main(
         }
         let mx = max(max(mx4.x, mx4.y), max(mx4.z, mx4.w));
         red[lid] = mx;
+        // The flag says 2 on the work item's first tile, where the accumulators are still zero
+        // and need no rescaling.
         if (mx > m_i + RESCALE_GAP) {
-            red[2u * BR] = 1.0;
+            red[2u * BR] = select(1.0, 2.0, pos == it.first);
         }
-        let resc = workgroupUniformLoad(&red[2u * BR]) != 0.0;
+        let flag = workgroupUniformLoad(&red[2u * BR]);
+        let resc = flag != 0.0;
         var m_new = m_i;
         if (resc) {
             m_new = max(m_i, max(mx, red[lid ^ 1u]));
@@ -252,7 +259,7 @@ fn main(
             p_sh[r * (BC + 8u) + 2u * j + half] = f16(p);
             ps += p;
         }
-        if (resc) {
+        if (flag == 1.0) {
             let alpha = exp2(m_i - m_new);
             l_i *= alpha;
             for (var ci = 0u; ci < D / DC; ci++) {
