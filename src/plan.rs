@@ -202,8 +202,15 @@ fn choose(
         let active = bm.active_tiles() as f64;
         let partial = bm.partial_tiles() as f64;
         let block_cost = active * t + partial * m;
+        // A mask that allows every pair runs the dense path without mask bits: the unmasked
+        // kernel.
+        let dense = if bm.full_tiles() == bm.total_tiles() {
+            tiles * t
+        } else {
+            dense_cost
+        };
         let mut options = vec![
-            (Path::Dense, dense_cost),
+            (Path::Dense, dense),
             (Path::Sparse, block_cost + active * 64.0),
         ];
         if bm.runs().is_some() {
@@ -438,7 +445,16 @@ impl Plan {
                 (ch.config, ch.path, ch.block_mask)
             }
         };
-        let dense_mask = path == Path::Dense && mask_used.is_some();
+        let dense_mask = path == Path::Dense
+            && block_mask
+                .as_ref()
+                .is_some_and(|bm| bm.full_tiles() < bm.total_tiles());
+        if path == Path::Dense && mask_used.is_some() && !dense_mask {
+            let _ = writeln!(
+                why,
+                "the mask allows every pair: the dense path reads no mask bits"
+            );
+        }
         let subgroup_red = subgroups != Some(false) && fits_lanes(&config);
 
         // Index buffer: work items, per-row table, key-tile list, permutation.
@@ -454,11 +470,11 @@ impl Plan {
             }
         };
 
-        let bits: Vec<u32> = match (&block_mask, path, mask_used) {
-            (_, Path::Dense, Some(m)) => (0..m.batches())
+        let bits: Vec<u32> = match (&block_mask, mask_used) {
+            (_, Some(m)) if dense_mask => (0..m.batches())
                 .flat_map(|b| m.words(b).iter().copied())
                 .collect(),
-            (Some(bm), _, _) => bm.partial_bits().to_vec(),
+            (Some(bm), _) if path != Path::Dense => bm.partial_bits().to_vec(),
             _ => Vec::new(),
         };
         let binding_limit = limits

@@ -180,6 +180,33 @@ fn paths_agree_with_each_other_bit_for_bit_on_full_tiles() {
 }
 
 #[test]
+fn a_mask_that_allows_every_pair_runs_the_unmasked_kernel() {
+    // No mask bits to read: the plan is the dense path of the unmasked kernel, bit for bit the
+    // plan without a mask, on sequences that end inside a tile and with a per-batch mask.
+    let mut rng = Rng::fresh("all pairs");
+    let n = 300;
+    let shape = Shape::new(2, 2, n, 64);
+    let all = Mask::full(n, n).unwrap();
+    let per_batch = Mask::per_batch(vec![all.clone(), all.clone()]).unwrap();
+    let (q, k, v) = inputs(&mut rng, &shape);
+    let unmasked = Plan::new(gpu(), shape, None, PlanOptions::default()).unwrap();
+    let want = run_poisoned(&unmasked, &q, &k, &v);
+    for mask in [&all, &per_batch] {
+        let plan = Plan::new(gpu(), shape, Some(mask), PlanOptions::default()).unwrap();
+        assert_eq!(plan.path(), Path::Dense, "{}", plan.describe());
+        assert!(
+            plan.describe().contains("reads no mask bits"),
+            "{}",
+            plan.describe()
+        );
+        let got = run_poisoned(&plan, &q, &k, &v);
+        assert_eq!(got.o, want.o);
+        let reference = reference::attention(&shape, &q, &k, &v, Some(mask), None).unwrap();
+        assert_close("every pair allowed", &got, &reference, 1e-4);
+    }
+}
+
+#[test]
 fn plan_rejects_wrong_shapes_and_ineligible_forced_paths() {
     let n = 100;
     let shape = Shape::new(1, 2, n, 32);
