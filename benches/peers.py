@@ -22,9 +22,10 @@ What it measures, for B4 H32 d64 and B2 H16 d128 at N = 4096 and 16384 and each 
   `out.backward(dO)` on inputs with requires_grad (gradients reset before each step), timed as
   above; then `blockflash bench --backward --mask all --precision f16 --repeat 3` (forward then
   backward of each masked plan and of the dense plan, the latter timed once per N; dQ, dK, dV
-  checked against the f64 reference on samples). blockflash's backward kernels are slow so far:
-  its dense forward + backward at N=16384 takes tens of seconds a run, so that table needs a
-  call of its own (`--no-forward --seqs 16384`).
+  checked against the f64 reference on samples). The whole run (both configurations, both N,
+  forward + backward) takes longer than one 10-minute device call on the H200: the forward
+  tables of one N, or the forward + backward table of one N (`--no-forward --seqs 16384`), fit
+  one call.
 
 Output: one markdown table per configuration and N on stdout, then one forward + backward table
 per N; under --out DIR: peers.md (tables, GPU, driver, torch version, date, command), peers.json
@@ -436,7 +437,8 @@ def write_results(args, meta, blocks):
 
 def backward_block(args, peers, n, b, h, d, kinds):
     """The forward + backward rows at length n: PyTorch's (cheap) first, then blockflash's (its
-    dense plan's backward is slow so far), so that the budget cuts blockflash's rows last."""
+    dense plan's training step takes about a second at N16384), so that the budget cuts
+    blockflash's rows last."""
     rows = [{"mask": k} for k in kinds]
     if peers:
         torch_fwd_bwd(args, peers, rows, n, b, h, d)
