@@ -288,6 +288,16 @@ fn gradients_match_reference_on_every_mask_family_and_path() {
         let mask = family_mask(name, seq, rng.next_u64()).unwrap();
         every_path(name, &mut rng, shape, &mask, Some((16, 32)));
     }
+    // A mask that allows every pair: the unmasked dense kernels, without mask bits.
+    let all = Mask::full(seq, seq).unwrap();
+    let plan = check_backward(
+        "every pair",
+        &mut rng,
+        shape,
+        Some(&all),
+        Default::default(),
+    );
+    assert_eq!(plan.path(), Path::Dense, "{}", plan.describe());
 }
 
 #[test]
