@@ -11,7 +11,10 @@ use blockflash::{Error, Mask, Path, Plan, PlanOptions, Reorder, Shape, Tier};
 
 use blockflash::Gpu;
 
-use crate::common::{check_case_on, emulated_gpu, gpu, shuffled_band, Rng};
+use crate::common::{
+    assert_close, check_case_on, emulated_gpu, gpu, inputs, rounded, run_poisoned_on,
+    shuffled_band, tolerance, Rng,
+};
 
 fn tier_or_skip(tier: Tier) -> bool {
     match gpu().supports(tier) {
@@ -130,6 +133,55 @@ fn shapes_head_dims_and_splits(g: &Gpu, tier: Tier) {
         ..opts(tier, None)
     };
     check_case_on(g, "rcm", &mut rng, shape, Some(&shuffled), rcm);
+}
+
+/// Keys that grow along the sequence (key j scaled by 1 + j / 8), so that later key tiles score
+/// far above earlier ones and the online softmax must rescale what it has accumulated (inputs
+/// in [-1, 1) seldom move a row's maximum after its first tile).
+fn rising_scores(g: &Gpu, tier: Tier) {
+    let mut rng = Rng::fresh(&format!("{tier} rising scores"));
+    let (seq, d) = (300, 64);
+    let shape = Shape::new(1, 2, seq, d);
+    let e = tier.dtype();
+    let (q, k, v) = inputs(&mut rng, &shape);
+    let k = k
+        .chunks(d)
+        .enumerate()
+        .flat_map(|(row, key)| {
+            let grow = 1.0 + (row % seq) as f32 / 8.0;
+            key.iter().map(move |x| x * grow)
+        })
+        .collect();
+    let (q, k, v) = (rounded(e, q), rounded(e, k), rounded(e, v));
+    let causal = Mask::causal(seq, seq).unwrap();
+    for (what, mask, path) in [
+        ("no mask", None, None),
+        ("causal", Some(&causal), None),
+        ("causal sparse", Some(&causal), Some(Path::Sparse)),
+    ] {
+        let plan = Plan::new(g, shape, mask, opts(tier, path)).unwrap();
+        let got = run_poisoned_on(g, &plan, &q, &k, &v);
+        let want = blockflash::reference::attention(&shape, &q, &k, &v, mask, None).unwrap();
+        let what = format!("rising scores, {what} ({}, {tier})", plan.path());
+        assert_close(&what, &got, &want, tolerance(e));
+    }
+}
+
+#[test]
+fn online_softmax_rescales_on_every_tier_when_later_keys_score_higher() {
+    for tier in [
+        Tier::PortableF32,
+        Tier::PortableF16,
+        Tier::PortableBf16,
+        Tier::TensorCore,
+    ] {
+        if tier_or_skip(tier) {
+            rising_scores(gpu(), tier);
+        }
+    }
+    // The tensor-core kernel's lazy rescaling (only when a row's maximum moves by more than
+    // its gap) also runs with emulated products.
+    rising_scores(emulated_gpu(), Tier::TensorCore);
 }
 
 #[test]
