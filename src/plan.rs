@@ -198,19 +198,18 @@ fn choose(
         let tiles = bm.total_tiles() as f64;
         let t = tile_cost(&config);
         let m = mask_cost(&config);
-        let dense_cost = tiles * (t + m);
+        // A mask that allows every pair runs the dense path without mask bits: the unmasked
+        // kernel.
+        let dense_cost = if bm.full_tiles() == bm.total_tiles() {
+            tiles * t
+        } else {
+            tiles * (t + m)
+        };
         let active = bm.active_tiles() as f64;
         let partial = bm.partial_tiles() as f64;
         let block_cost = active * t + partial * m;
-        // A mask that allows every pair runs the dense path without mask bits: the unmasked
-        // kernel.
-        let dense = if bm.full_tiles() == bm.total_tiles() {
-            tiles * t
-        } else {
-            dense_cost
-        };
         let mut options = vec![
-            (Path::Dense, dense),
+            (Path::Dense, dense_cost),
             (Path::Sparse, block_cost + active * 64.0),
         ];
         if bm.runs().is_some() {
@@ -417,6 +416,7 @@ impl Plan {
         }
         let mask_used = reordered.as_ref().map(|r| &r.0).or(mask);
 
+        let mut given_block = false;
         let (config, path, block_mask) = match mask_used {
             None => {
                 if options.path.is_some_and(|p| p != Path::Dense) {
@@ -428,6 +428,7 @@ impl Plan {
                 (candidates[0], Path::Dense, None)
             }
             Some(m) => {
+                given_block = forced_block.is_some();
                 let ch = choose(&candidates, m, options.path, forced_block)?;
                 let _ = writeln!(
                     why,
@@ -449,7 +450,17 @@ impl Plan {
             && block_mask
                 .as_ref()
                 .is_some_and(|bm| bm.full_tiles() < bm.total_tiles());
-        if path == Path::Dense && mask_used.is_some() && !dense_mask {
+        if let (Path::Dense, Some(m), false) = (path, mask_used, dense_mask) {
+            // A block mask given by the caller may disagree with its mask.
+            if given_block && (0..m.batches()).any(|b| m.count_allowed(b) != m.seq_q() * m.seq_k())
+            {
+                return Err(Error::InvalidArgument {
+                    what: "block_mask",
+                    why: "every tile of the block mask is full, but the mask does not allow \
+                          every pair: the block mask was not built from this mask"
+                        .into(),
+                });
+            }
             let _ = writeln!(
                 why,
                 "the mask allows every pair: the dense path reads no mask bits"
@@ -739,10 +750,10 @@ impl Plan {
             let _ = writeln!(
                 d,
                 "mask memory: {} B (a dense bit mask: {} B)",
-                if self.dense_mask {
-                    bm.dense_mask_bytes()
-                } else {
-                    bm.mask_bytes()
+                match (self.path, self.dense_mask) {
+                    (Path::Dense, true) => bm.dense_mask_bytes(),
+                    (Path::Dense, false) => 0,
+                    _ => bm.mask_bytes(),
                 },
                 bm.dense_mask_bytes()
             );

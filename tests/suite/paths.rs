@@ -5,7 +5,7 @@ use std::io::Write;
 
 use blockflash::kernel::DType;
 use blockflash::suite::{family_mask, FAMILIES};
-use blockflash::{reference, Error, Mask, Path, Plan, PlanOptions, Reorder, Shape};
+use blockflash::{reference, BlockMask, Error, Mask, Path, Plan, PlanOptions, Reorder, Shape};
 
 use crate::common::{
     assert_close, check_case, gpu, inputs, run_poisoned, run_poisoned_on, shuffled_band,
@@ -203,6 +203,16 @@ fn a_mask_that_allows_every_pair_runs_the_unmasked_kernel() {
         assert_eq!(got.o, want.o);
         let reference = reference::attention(&shape, &q, &k, &v, Some(mask), None).unwrap();
         assert_close("every pair allowed", &got, &reference, 1e-4);
+    }
+    // A caller's all-full block mask beside a mask that does not allow every pair is refused,
+    // not run without the mask.
+    let block = BlockMask::new(&all, 32, 32).unwrap();
+    let causal = Mask::causal(n, n).unwrap();
+    match Plan::from_block_mask(gpu(), shape, &causal, block, PlanOptions::default()) {
+        Err(Error::InvalidArgument {
+            what: "block_mask", ..
+        }) => {}
+        other => panic!("mismatched block mask: {:?}", other.map(|p| p.describe())),
     }
 }
 

@@ -154,12 +154,24 @@ fn rising_scores(g: &Gpu, tier: Tier) {
         .collect();
     let (q, k, v) = (rounded(e, q), rounded(e, k), rounded(e, v));
     let causal = Mask::causal(seq, seq).unwrap();
-    for (what, mask, path) in [
-        ("no mask", None, None),
-        ("causal", Some(&causal), None),
-        ("causal sparse", Some(&causal), Some(Path::Sparse)),
+    let split = PlanOptions {
+        max_tiles_per_workgroup: Some(2),
+        ..opts(tier, None)
+    };
+    for (what, mask, options) in [
+        ("no mask", None, opts(tier, None)),
+        ("causal", Some(&causal), opts(tier, None)),
+        (
+            "causal sparse",
+            Some(&causal),
+            opts(tier, Some(Path::Sparse)),
+        ),
+        ("causal split-KV", Some(&causal), split),
     ] {
-        let plan = Plan::new(g, shape, mask, opts(tier, path)).unwrap();
+        let plan = Plan::new(g, shape, mask, options).unwrap();
+        if what.ends_with("split-KV") {
+            assert!(plan.describe().contains("split-KV"), "{}", plan.describe());
+        }
         let got = run_poisoned_on(g, &plan, &q, &k, &v);
         let want = blockflash::reference::attention(&shape, &q, &k, &v, mask, None).unwrap();
         let what = format!("rising scores, {what} ({}, {tier})", plan.path());
