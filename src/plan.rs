@@ -260,7 +260,9 @@ impl Plan {
         Self::build(gpu, shape, mask, None, options)
     }
 
-    /// Builds a plan from a block mask built earlier (its tile shape fixes the kernel's tiles).
+    /// Builds a plan from a block mask built earlier from `mask` (its tile shape fixes the
+    /// kernel's tiles). The block mask is checked against the mask, which costs one block-mask
+    /// build: one of another mask is an [`Error::InvalidArgument`].
     pub fn from_block_mask(
         gpu: &Gpu,
         shape: Shape,
@@ -268,6 +270,16 @@ impl Plan {
         block_mask: BlockMask,
         options: PlanOptions,
     ) -> Result<Plan> {
+        if BlockMask::new(mask, block_mask.tile_rows(), block_mask.tile_cols())? != block_mask {
+            return Err(Error::InvalidArgument {
+                what: "block_mask",
+                why: format!(
+                    "not the block mask of this mask at {}x{} tiles",
+                    block_mask.tile_rows(),
+                    block_mask.tile_cols()
+                ),
+            });
+        }
         let options = PlanOptions {
             tile: Some((block_mask.tile_rows(), block_mask.tile_cols())),
             reorder: Reorder::Off,
@@ -416,7 +428,6 @@ impl Plan {
         }
         let mask_used = reordered.as_ref().map(|r| &r.0).or(mask);
 
-        let mut given_block = false;
         let (config, path, block_mask) = match mask_used {
             None => {
                 if options.path.is_some_and(|p| p != Path::Dense) {
@@ -428,7 +439,6 @@ impl Plan {
                 (candidates[0], Path::Dense, None)
             }
             Some(m) => {
-                given_block = forced_block.is_some();
                 let ch = choose(&candidates, m, options.path, forced_block)?;
                 let _ = writeln!(
                     why,
@@ -450,17 +460,7 @@ impl Plan {
             && block_mask
                 .as_ref()
                 .is_some_and(|bm| bm.full_tiles() < bm.total_tiles());
-        if let (Path::Dense, Some(m), false) = (path, mask_used, dense_mask) {
-            // A block mask given by the caller may disagree with its mask.
-            if given_block && (0..m.batches()).any(|b| m.count_allowed(b) != m.seq_q() * m.seq_k())
-            {
-                return Err(Error::InvalidArgument {
-                    what: "block_mask",
-                    why: "every tile of the block mask is full, but the mask does not allow \
-                          every pair: the block mask was not built from this mask"
-                        .into(),
-                });
-            }
+        if path == Path::Dense && mask_used.is_some() && !dense_mask {
             let _ = writeln!(
                 why,
                 "the mask allows every pair: the dense path reads no mask bits"

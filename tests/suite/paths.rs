@@ -204,8 +204,8 @@ fn a_mask_that_allows_every_pair_runs_the_unmasked_kernel() {
         let reference = reference::attention(&shape, &q, &k, &v, Some(mask), None).unwrap();
         assert_close("every pair allowed", &got, &reference, 1e-4);
     }
-    // A caller's all-full block mask beside a mask that does not allow every pair is refused,
-    // not run without the mask.
+    // A block mask of another mask (here all-full beside a causal mask) is refused, not run
+    // without the mask.
     let block = BlockMask::new(&all, 32, 32).unwrap();
     let causal = Mask::causal(n, n).unwrap();
     match Plan::from_block_mask(gpu(), shape, &causal, block, PlanOptions::default()) {
@@ -214,6 +214,11 @@ fn a_mask_that_allows_every_pair_runs_the_unmasked_kernel() {
         }) => {}
         other => panic!("mismatched block mask: {:?}", other.map(|p| p.describe())),
     }
+    let block = BlockMask::new(&causal, 32, 32).unwrap();
+    let plan = Plan::from_block_mask(gpu(), shape, &causal, block, PlanOptions::default()).unwrap();
+    let got = run_poisoned(&plan, &q, &k, &v);
+    let reference = reference::attention(&shape, &q, &k, &v, Some(&causal), None).unwrap();
+    assert_close("causal from its block mask", &got, &reference, 1e-4);
 }
 
 #[test]
