@@ -64,19 +64,23 @@ pub struct BlockMask {
     partial_bits: Vec<u32>,
 }
 
-/// Checks a tile shape: `tile_rows > 0`, `tile_cols` a positive multiple of 32 (so each tile row
-/// is whole u32 words of a mask row).
+/// Largest tile side a block mask takes (kernels run far smaller ones): a partial tile's bits
+/// stay within 2 MiB.
+const MAX_TILE_SIDE: usize = 4096;
+
+/// Checks a tile shape: `tile_rows` in 1..=MAX_TILE_SIDE, `tile_cols` a multiple of 32 in
+/// 32..=MAX_TILE_SIDE (so each tile row is whole u32 words of a mask row).
 pub(crate) fn check_tiles(tile_rows: usize, tile_cols: usize) -> Result<()> {
-    if tile_rows == 0 {
+    if !(1..=MAX_TILE_SIDE).contains(&tile_rows) {
         return Err(Error::InvalidArgument {
             what: "tile rows",
-            why: "must be at least 1".into(),
+            why: format!("{tile_rows} is not in 1..={MAX_TILE_SIDE}"),
         });
     }
-    if tile_cols == 0 || !tile_cols.is_multiple_of(32) {
+    if !(32..=MAX_TILE_SIDE).contains(&tile_cols) || !tile_cols.is_multiple_of(32) {
         return Err(Error::InvalidArgument {
             what: "tile columns",
-            why: format!("{tile_cols} is not a positive multiple of 32"),
+            why: format!("{tile_cols} is not a multiple of 32 in 32..={MAX_TILE_SIDE}"),
         });
     }
     Ok(())

@@ -82,7 +82,10 @@ pub struct Gpu {
     coop_matrix: Vec<wgpu::CooperativeMatrixProperties>,
     /// The tensor-core tier runs with emulated cooperative matrices (the device has none).
     emulated_coop: bool,
+    /// Why the device was lost (stays).
     lost: Arc<Mutex<Option<String>>>,
+    /// The first GPU error nobody captured since the last check (reported once).
+    error: Arc<Mutex<Option<String>>>,
     pipelines: PipelineCache,
 }
 
@@ -144,7 +147,10 @@ impl Gpu {
     ///
     /// `info` describes the adapter (from `adapter.get_info()`); `coop_matrix` lists the
     /// cooperative-matrix configurations the adapter reports (empty if none or unknown).
-    /// Kernels use only features and limits that `device` was created with.
+    /// Kernels use only features and limits that `device` was created with; `info` must be the
+    /// adapter's own, since its subgroup sizes decide which row reductions run (a size larger
+    /// than the device's gives wrong results). blockflash installs the device's lost callback
+    /// and uncaptured-error handler, and reports what they catch from its next call.
     pub fn from_device(
         device: wgpu::Device,
         queue: wgpu::Queue,
@@ -167,8 +173,10 @@ impl Gpu {
                 *l = Some(format!("device lost ({reason:?}): {message}"));
             }
         });
-        // wgpu panics on errors nobody captured; record them so the next check returns them.
-        let flag = lost.clone();
+        // wgpu panics on errors nobody captured; record the first so that the next check
+        // returns it.
+        let error = Arc::new(Mutex::new(None));
+        let flag = error.clone();
         device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
             if let Ok(mut l) = flag.lock() {
                 l.get_or_insert_with(|| e.to_string());
@@ -181,6 +189,7 @@ impl Gpu {
             coop_matrix,
             emulated_coop: false,
             lost,
+            error,
             pipelines: PipelineCache::default(),
         }
     }
@@ -318,9 +327,12 @@ impl Gpu {
         &self.pipelines
     }
 
-    /// Error if the device has been lost.
+    /// Error if the device has been lost (every call from then on), or once for a GPU error
+    /// that nobody captured since the last check.
     pub(crate) fn check_lost(&self) -> Result<()> {
-        match self.lost.lock().ok().and_then(|l| l.clone()) {
+        let lost = self.lost.lock().ok().and_then(|l| l.clone());
+        let error = || self.error.lock().ok().and_then(|mut e| e.take());
+        match lost.or_else(error) {
             Some(why) => Err(Error::Device(why)),
             None => Ok(()),
         }

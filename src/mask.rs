@@ -979,7 +979,9 @@ impl MaskSpec {
                 causal,
             } => {
                 check_nonzero("window", window)?;
-                let (shift, w) = (seq_k as i64 - seq_q as i64, window as i64);
+                // (windows past both lengths allow the same pairs as one of that size)
+                let w = window.min(seq_q + seq_k) as i64;
+                let shift = seq_k as i64 - seq_q as i64;
                 rows(
                     seq_q,
                     seq_k,
@@ -1079,7 +1081,7 @@ impl MaskSpec {
                     is_global[g] = true;
                 }
                 let runs = true_runs(&is_global);
-                let w = window as i64;
+                let w = window.min(seq) as i64;
                 rows(
                     seq,
                     seq,
@@ -1117,7 +1119,7 @@ impl MaskSpec {
                     ));
                 }
                 let random = bigbird_random_blocks(nb, random_blocks_per_row, seed);
-                let w = window as i64;
+                let w = window.min(seq) as i64;
                 rows(
                     seq,
                     seq,

@@ -297,6 +297,18 @@ impl Plan {
     ) -> Result<Plan> {
         let start = Instant::now();
         shape.validate()?;
+        if let Some(scale) = options.scale.filter(|x| !x.is_finite()) {
+            return Err(Error::InvalidArgument {
+                what: "scale",
+                why: format!("the softmax scale must be finite, got {scale}"),
+            });
+        }
+        if options.max_tiles_per_workgroup == Some(0) {
+            return Err(Error::InvalidArgument {
+                what: "max_tiles_per_workgroup",
+                why: "a workgroup walks at least one key tile".into(),
+            });
+        }
         if let Some(m) = mask {
             check_mask(&shape, m)?;
         }
@@ -806,22 +818,22 @@ impl Plan {
         self.check_single_chunk()?;
         let s = &self.shape;
         let e = self.dtype();
-        let sizes = [
-            ("q buffer", t.q, e.bytes(s.q_len())),
-            ("k buffer", t.k, e.bytes(s.kv_len())),
-            ("v buffer", t.v, e.bytes(s.kv_len())),
-            ("o buffer", t.o, e.bytes(s.q_len())),
-            (
-                "lse buffer",
-                t.lse,
-                if self.write_lse {
-                    4 * s.lse_len() as u64
-                } else {
-                    4
-                },
-            ),
-        ];
-        check_buffers(&sizes)?;
+        let lse_bytes = if self.write_lse {
+            4 * s.lse_len() as u64
+        } else {
+            4
+        };
+        check_buffers(
+            &self.gpu,
+            &[
+                ("q buffer", t.q, e.bytes(s.q_len()), false),
+                ("k buffer", t.k, e.bytes(s.kv_len()), false),
+                ("v buffer", t.v, e.bytes(s.kv_len()), false),
+                ("o buffer", t.o, e.bytes(s.q_len()), true),
+                ("lse buffer", t.lse, lse_bytes, true),
+            ],
+        )?;
+        check_timestamps(timestamps)?;
         self.encode_chunk(encoder, &self.chunks[0], t, timestamps)
     }
 
@@ -1045,15 +1057,57 @@ fn walk_tables(block_mask: Option<&BlockMask>, path: Path) -> (Vec<u32>, Vec<u32
     }
 }
 
-/// Error if a caller buffer `(name, buffer, bytes needed)` is too small.
-fn check_buffers(buffers: &[(&'static str, &wgpu::Buffer, u64)]) -> Result<()> {
-    match buffers.iter().find(|(_, buf, need)| buf.size() < *need) {
-        Some(&(what, buf, need)) => Err(Error::ShapeMismatch {
-            what,
-            expected: format!("at least {need} bytes"),
-            got: format!("{} bytes", buf.size()),
-        }),
-        None => Ok(()),
+/// Error unless every caller buffer `(name, buffer, bytes needed, written by the pass)` can be
+/// bound as the pass needs: a storage buffer of at least the bytes needed and within the
+/// device's storage-binding limit, and no written buffer bound twice. (wgpu would otherwise
+/// report these later, from an unrelated call.)
+fn check_buffers(gpu: &Gpu, buffers: &[(&'static str, &wgpu::Buffer, u64, bool)]) -> Result<()> {
+    let limit = gpu.limits().max_storage_buffer_binding_size;
+    for (i, &(what, buf, need, written)) in buffers.iter().enumerate() {
+        let invalid = |why: String| Err(Error::InvalidArgument { what, why });
+        if !buf.usage().contains(wgpu::BufferUsages::STORAGE) {
+            return invalid(format!("usage {:?} lacks STORAGE", buf.usage()));
+        }
+        if buf.size() < need {
+            return Err(Error::ShapeMismatch {
+                what,
+                expected: format!("at least {need} bytes"),
+                got: format!("{} bytes", buf.size()),
+            });
+        }
+        if buf.size() > limit {
+            return invalid(format!(
+                "{} bytes, over the device's max_storage_buffer_binding_size of {limit}",
+                buf.size()
+            ));
+        }
+        let alias = buffers
+            .iter()
+            .enumerate()
+            .find(|&(j, other)| j != i && other.1 == buf);
+        if let (true, Some((_, other))) = (written, alias) {
+            return invalid(format!(
+                "the pass writes it and it is also bound as the {}",
+                other.0
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Error unless timestamps at `index` and `index + 1` fit the query set.
+fn check_timestamps(timestamps: Option<(&wgpu::QuerySet, u32)>) -> Result<()> {
+    match timestamps {
+        Some((set, index)) if index.checked_add(1).is_none_or(|end| end >= set.count()) => {
+            Err(Error::InvalidArgument {
+                what: "timestamps",
+                why: format!(
+                    "indices {index} and {index} + 1 do not fit the query set of {}",
+                    set.count()
+                ),
+            })
+        }
+        _ => Ok(()),
     }
 }
 
@@ -1126,6 +1180,9 @@ fn split_rows(
 
 /// Splits (batch, kv-head) work so that every tensor of a part fits one storage binding and
 /// every dispatch dimension fits the adapter: returns (b0, nb, hk0, nhk) parts.
+/// Most dispatches (each with its own index and scratch buffers) one plan splits its work into.
+const MAX_DISPATCHES: usize = 1 << 16;
+
 fn split_work(
     s: &Shape,
     binding_limit: u64,
@@ -1139,13 +1196,27 @@ fn split_work(
     let g = s.group();
     let q_b = e.bytes(s.heads * s.seq_q * d);
     let kv_b = e.bytes(s.kv_heads * s.seq_k * d);
+    // Counts against the dispatch limits: one workgroup row per query tile, one per query head
+    // of the key/value heads a dispatch covers.
+    let over = |what: &str, n: usize, limit: usize, name: &str| Error::InvalidArgument {
+        what: "shape",
+        why: format!("{n} {what} exceed the {limit} {name} that one plan can run"),
+    };
     if q_tiles > max_dim {
-        return Err(Error::TooLarge {
-            what: "query tiles of one dispatch",
-            bytes: q_tiles as u64,
-            limit_name: "max_compute_workgroups_per_dimension",
-            limit: max_dim as u64,
-        });
+        return Err(over(
+            "query tiles",
+            q_tiles,
+            max_dim,
+            "workgroups per dispatch dimension (max_compute_workgroups_per_dimension)",
+        ));
+    }
+    if g > max_dim {
+        return Err(over(
+            "query heads per key/value head",
+            g,
+            max_dim,
+            "workgroups per dispatch dimension (max_compute_workgroups_per_dimension)",
+        ));
     }
     let mut parts = Vec::new();
     if q_b.max(kv_b) <= binding_limit && s.heads <= max_dim {
@@ -1154,6 +1225,10 @@ fn split_work(
             .min(max_dim);
         if per_batch {
             nb = nb.min(max_dim / q_tiles).max(1);
+        }
+        let dispatches = s.batch.div_ceil(nb);
+        if dispatches > MAX_DISPATCHES {
+            return Err(over("dispatches", dispatches, MAX_DISPATCHES, "dispatches"));
         }
         let mut b0 = 0;
         while b0 < s.batch {
@@ -1176,6 +1251,10 @@ fn split_work(
     let nhk = ((binding_limit / q_h.max(kv_h)) as usize)
         .min(s.kv_heads)
         .min((max_dim / g).max(1));
+    let dispatches = s.kv_heads.div_ceil(nhk).saturating_mul(s.batch);
+    if dispatches > MAX_DISPATCHES {
+        return Err(over("dispatches", dispatches, MAX_DISPATCHES, "dispatches"));
+    }
     for b in 0..s.batch {
         let mut hk0 = 0;
         while hk0 < s.kv_heads {

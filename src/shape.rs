@@ -60,6 +60,23 @@ impl Shape {
         if !HEAD_DIMS.contains(&self.head_dim) {
             return Err(Error::UnsupportedHeadDim(self.head_dim));
         }
+        let elements = |h: usize, n: usize| {
+            [h, n, self.head_dim]
+                .into_iter()
+                .try_fold(self.batch, usize::checked_mul)
+        };
+        if elements(self.heads, self.seq_q)
+            .zip(elements(self.kv_heads, self.seq_k))
+            .is_none()
+        {
+            return Err(Error::InvalidArgument {
+                what: "shape",
+                why: format!(
+                    "B·H·N·d of B={} H={} Hkv={} Nq={} Nk={} d={} overflows usize",
+                    self.batch, self.heads, self.kv_heads, self.seq_q, self.seq_k, self.head_dim
+                ),
+            });
+        }
         Ok(())
     }
 

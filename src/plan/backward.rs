@@ -14,7 +14,7 @@
 
 use wgpu::util::DeviceExt;
 
-use super::{check_buffers, split_rows, walk_tables, Chunk, Plan};
+use super::{check_buffers, check_timestamps, split_rows, walk_tables, Chunk, Plan};
 use crate::error::{Error, Result};
 use crate::kernel::{
     backward_layout, BackwardLayout, BackwardPass, BackwardVariant, DType, Path,
@@ -324,17 +324,21 @@ impl Plan {
         let s = &self.shape;
         let e = self.dtype();
         let (q_bytes, kv_bytes) = (e.bytes(s.q_len()), e.bytes(s.kv_len()));
-        check_buffers(&[
-            ("q buffer", t.q, q_bytes),
-            ("k buffer", t.k, kv_bytes),
-            ("v buffer", t.v, kv_bytes),
-            ("o buffer", t.o, q_bytes),
-            ("lse buffer", t.lse, 4 * s.lse_len() as u64),
-            ("d_o buffer", t.d_o, q_bytes),
-            ("dq buffer", t.dq, q_bytes),
-            ("dk buffer", t.dk, kv_bytes),
-            ("dv buffer", t.dv, kv_bytes),
-        ])?;
+        check_buffers(
+            &self.gpu,
+            &[
+                ("q buffer", t.q, q_bytes, false),
+                ("k buffer", t.k, kv_bytes, false),
+                ("v buffer", t.v, kv_bytes, false),
+                ("o buffer", t.o, q_bytes, false),
+                ("lse buffer", t.lse, 4 * s.lse_len() as u64, false),
+                ("d_o buffer", t.d_o, q_bytes, false),
+                ("dq buffer", t.dq, q_bytes, true),
+                ("dk buffer", t.dk, kv_bytes, true),
+                ("dv buffer", t.dv, kv_bytes, true),
+            ],
+        )?;
+        check_timestamps(timestamps)?;
         self.encode_backward_chunk(encoder, state, 0, t, timestamps)
     }
 

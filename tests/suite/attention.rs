@@ -265,6 +265,127 @@ fn bad_inputs_give_typed_errors() {
 }
 
 #[test]
+fn bad_options_shapes_and_caller_buffers_give_typed_errors() {
+    let g = gpu();
+    let ok = Shape::new(1, 2, 16, 32);
+    let invalid = |r: blockflash::Result<Plan>, want: &str| match r {
+        Err(Error::InvalidArgument { what, .. }) if what == want => {}
+        other => panic!("{want}: {:?}", other.map(|p| p.describe())),
+    };
+    for scale in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+        let opts = PlanOptions {
+            scale: Some(scale),
+            ..Default::default()
+        };
+        invalid(Plan::new(g, ok, None, opts), "scale");
+    }
+    let opts = PlanOptions {
+        max_tiles_per_workgroup: Some(0),
+        ..Default::default()
+    };
+    invalid(Plan::new(g, ok, None, opts), "max_tiles_per_workgroup");
+    // Element counts that overflow, more dispatches than a plan makes, more query heads per
+    // key/value head than a dispatch dimension holds: refused at once.
+    for shape in [
+        Shape::new(1 << 60, 1 << 10, 32, 32),
+        Shape::new(1 << 40, 1, 32, 32),
+        Shape {
+            kv_heads: 1,
+            ..Shape::new(1, 70_000, 32, 32)
+        },
+    ] {
+        invalid(Plan::new(g, shape, None, PlanOptions::default()), "shape");
+    }
+
+    // Caller buffers wgpu could not bind as the pass needs.
+    let plan = Plan::new(g, ok, None, PlanOptions::default()).unwrap();
+    let dev = g.device();
+    let buffer = |usage| {
+        dev.create_buffer(&wgpu::BufferDescriptor {
+            label: None,
+            size: 4 * ok.q_len() as u64,
+            usage,
+            mapped_at_creation: false,
+        })
+    };
+    let storage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC;
+    let (q, k, v, o, lse) = (
+        buffer(storage),
+        buffer(storage),
+        buffer(storage),
+        buffer(storage),
+        buffer(storage),
+    );
+    let uniform = buffer(wgpu::BufferUsages::UNIFORM);
+    let mut enc = dev.create_command_encoder(&Default::default());
+    let encode = |enc: &mut wgpu::CommandEncoder, t: &blockflash::Tensors| plan.encode(enc, t);
+    let t = |q, o| blockflash::Tensors {
+        q,
+        k: &k,
+        v: &v,
+        o,
+        lse: &lse,
+    };
+    assert!(matches!(
+        encode(&mut enc, &t(&uniform, &o)),
+        Err(Error::InvalidArgument {
+            what: "q buffer",
+            ..
+        })
+    ));
+    assert!(matches!(
+        encode(&mut enc, &t(&q, &q)),
+        Err(Error::InvalidArgument {
+            what: "o buffer",
+            ..
+        })
+    ));
+    if g.features().contains(wgpu::Features::TIMESTAMP_QUERY) {
+        let set = dev.create_query_set(&wgpu::QuerySetDescriptor {
+            label: None,
+            ty: wgpu::QueryType::Timestamp,
+            count: 2,
+        });
+        for index in [1, u32::MAX] {
+            assert!(matches!(
+                plan.encode_timed(&mut enc, &t(&q, &o), Some((&set, index))),
+                Err(Error::InvalidArgument {
+                    what: "timestamps",
+                    ..
+                })
+            ));
+        }
+        plan.encode_timed(&mut enc, &t(&q, &o), Some((&set, 0)))
+            .unwrap();
+    }
+    encode(&mut enc, &t(&q, &o)).unwrap();
+    g.queue().submit([enc.finish()]);
+}
+
+#[test]
+fn a_gpu_error_nobody_captured_is_reported_once() {
+    // Its own device: the error must not reach the other tests' plans.
+    let g = blockflash::Gpu::new().unwrap();
+    let shape = Shape::new(1, 2, 16, 32);
+    // A validation error of the caller's own: a mapped buffer of a size not a multiple of 4.
+    let _ = g.device().create_buffer(&wgpu::BufferDescriptor {
+        label: None,
+        size: 3,
+        usage: wgpu::BufferUsages::MAP_WRITE,
+        mapped_at_creation: true,
+    });
+    let plan = Plan::new(&g, shape, None, PlanOptions::default());
+    match plan {
+        Err(Error::Device(_)) => {}
+        other => panic!("{:?}", other.map(|p| p.describe())),
+    }
+    let plan = Plan::new(&g, shape, None, PlanOptions::default()).unwrap();
+    let n = shape.q_len();
+    plan.run(&vec![0.5; n], &vec![0.5; n], &vec![0.5; n])
+        .unwrap();
+}
+
+#[test]
 fn nan_and_inf_inputs_propagate_without_crashing() {
     // Documented behaviour: a NaN or Inf in Q, K or V makes the affected outputs NaN or Inf
     // (as the reference does); other rows stay correct and nothing crashes.

@@ -1058,3 +1058,34 @@ fn bad_input_gives_typed_errors() {
         Err(Empty(_))
     ));
 }
+
+#[test]
+fn windows_past_the_sequence_and_huge_tiles_stay_well_defined() {
+    // A window longer than the sequence allows what the whole sequence allows.
+    let n = 8;
+    let causal = Mask::causal(n, n).unwrap();
+    let wide = Mask::sliding_window(n, n, usize::MAX, true).unwrap();
+    assert_eq!(wide.words(0), causal.words(0));
+    let band = Mask::sliding_window(n, n, usize::MAX, false).unwrap();
+    assert_eq!(band.count_allowed(0), n * n);
+    let longformer = Mask::longformer(n, usize::MAX, &[]).unwrap();
+    assert_eq!(longformer.count_allowed(0), n * n);
+    // Tiles beyond any kernel's are refused, not allocated.
+    for (rows, cols) in [(usize::MAX, 32), (1 << 62, 32), (32, 1 << 62), (8192, 32)] {
+        assert!(
+            matches!(
+                BlockMask::new(&causal, rows, cols),
+                Err(Error::InvalidArgument { .. })
+            ),
+            "{rows}x{cols}"
+        );
+        let spec = MaskSpec::Causal { seq_q: n, seq_k: n };
+        assert!(
+            matches!(
+                spec.block_mask(rows, cols),
+                Err(Error::InvalidArgument { .. })
+            ),
+            "{rows}x{cols}"
+        );
+    }
+}
