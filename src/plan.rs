@@ -82,7 +82,8 @@ impl Default for PlanOptions {
 ///
 /// Q `[B, H, Nq, d]`, K and V `[B, Hkv, Nk, d]`, O `[B, H, Nq, d]` as storage buffers in the
 /// plan's storage type ([`Plan::dtype`]; bf16 as the raw 16-bit patterns, two per 4 bytes), LSE
-/// `[B, H, Nq]` f32 (needed only when the plan writes it).
+/// `[B, H, Nq]` f32 (needed only when the plan writes it). Buffers of the plan's device, with
+/// `STORAGE` usage; the outputs must not be bound twice.
 #[derive(Clone, Copy, Debug)]
 pub struct Tensors<'a> {
     /// Queries (STORAGE).
@@ -394,6 +395,14 @@ impl Plan {
             let want = match options.reorder {
                 Reorder::Off => false,
                 Reorder::On => {
+                    if m.is_per_batch() {
+                        return Err(Error::InvalidArgument {
+                            what: "reorder",
+                            why: "RCM reordering needs one mask shared by the batch, not one per \
+                                  batch element"
+                                .into(),
+                        });
+                    }
                     if !square {
                         return Err(Error::NotSquare {
                             seq_q: m.seq_q(),

@@ -26,6 +26,7 @@ use crate::reference::Gradients;
 ///
 /// Q, O, dO and dQ `[B, H, Nq, d]`, K, V, dK and dV `[B, Hkv, Nk, d]` in the plan's storage type,
 /// LSE `[B, H, Nq]` f32 as the forward pass wrote it. dQ, dK and dV are overwritten whole.
+/// Buffers of the plan's device, with `STORAGE` usage; the gradients must not be bound twice.
 #[derive(Clone, Copy, Debug)]
 pub struct BackwardTensors<'a> {
     /// Queries (STORAGE).

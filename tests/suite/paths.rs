@@ -274,6 +274,19 @@ fn plan_rejects_wrong_shapes_and_ineligible_forced_paths() {
         ),
         Err(Error::InvalidArgument { what: "tile", .. })
     ));
+    let batched = Shape::new(2, 2, n, 32);
+    let per_batch = Mask::per_batch(vec![Mask::causal(n, n).unwrap(); 2]).unwrap();
+    let reorder = PlanOptions {
+        reorder: Reorder::On,
+        ..Default::default()
+    };
+    assert!(matches!(
+        Plan::new(gpu(), batched, Some(&per_batch), reorder),
+        Err(Error::InvalidArgument {
+            what: "reorder",
+            ..
+        })
+    ));
 }
 
 #[test]
