@@ -585,6 +585,10 @@ pub fn complete_tree_parents(depth: usize, branching: usize) -> Result<Vec<Optio
         what: "tree size",
         why: format!("depth {depth}, branching {branching} has more than 2^32 nodes"),
     };
+    // (at least one node per level: a deeper tree is too large before the loop says so)
+    if depth >= u32::MAX as usize {
+        return Err(too_large());
+    }
     let (mut count, mut level) = (1usize, 1usize);
     for _ in 0..depth {
         level = level.checked_mul(branching).ok_or_else(too_large)?;

@@ -1003,6 +1003,11 @@ fn bad_input_gives_typed_errors() {
         complete_tree_parents(64, 2),
         Err(InvalidArgument { .. })
     ));
+    // refused at once, not after counting 2^32 levels of one node
+    assert!(matches!(
+        complete_tree_parents(usize::MAX, 1),
+        Err(InvalidArgument { .. })
+    ));
     assert!(invalid(Mask::sliding_window(8, 8, 0, true)));
     assert!(invalid(Mask::dilated_window(8, 0, 2, true)));
     assert!(invalid(Mask::dilated_window(8, 2, 0, true)));
