@@ -68,6 +68,33 @@ pub struct BlockMask {
 /// stay within 2 MiB.
 const MAX_TILE_SIDE: usize = 4096;
 
+/// Most tiles one block mask holds (one byte of state each: 4 GiB).
+const MAX_TILES: usize = 1 << 32;
+
+/// Error unless a block mask of `batches` masks of `seq_q × seq_k` at these tiles holds at most
+/// [`MAX_TILES`] tiles.
+fn check_tile_count(
+    seq_q: usize,
+    seq_k: usize,
+    tile_rows: usize,
+    tile_cols: usize,
+    batches: usize,
+) -> Result<()> {
+    let tiles = [seq_q.div_ceil(tile_rows), seq_k.div_ceil(tile_cols)]
+        .into_iter()
+        .try_fold(batches, usize::checked_mul);
+    match tiles {
+        Some(n) if n <= MAX_TILES => Ok(()),
+        _ => Err(Error::InvalidArgument {
+            what: "tiles",
+            why: format!(
+                "{batches} x {seq_q} x {seq_k} at {tile_rows}x{tile_cols} tiles is over {MAX_TILES} \
+                 tiles"
+            ),
+        }),
+    }
+}
+
 /// Checks a tile shape: `tile_rows` in 1..=MAX_TILE_SIDE, `tile_cols` a multiple of 32 in
 /// 32..=MAX_TILE_SIDE (so each tile row is whole u32 words of a mask row).
 pub(crate) fn check_tiles(tile_rows: usize, tile_cols: usize) -> Result<()> {
@@ -321,6 +348,7 @@ impl BlockMask {
     pub fn new(mask: &Mask, tile_rows: usize, tile_cols: usize) -> Result<BlockMask> {
         check_tiles(tile_rows, tile_cols)?;
         let (seq_q, seq_k, wpr) = (mask.seq_q(), mask.seq_k(), mask.words_per_row());
+        check_tile_count(seq_q, seq_k, tile_rows, tile_cols, mask.batches())?;
         let mut asm = Assembler::new(seq_q, seq_k, tile_rows, tile_cols, mask.batches());
         let (q_tiles, k_tiles) = (asm.bm.q_tiles, asm.bm.k_tiles);
         let rows = mask.batches() * q_tiles;
@@ -423,6 +451,7 @@ impl BlockMask {
     ) -> Result<BlockMask> {
         check_tiles(tile_rows, tile_cols)?;
         mask_geometry(seq_q, seq_k)?;
+        check_tile_count(seq_q, seq_k, tile_rows, tile_cols, 1)?;
         let mut asm = Assembler::new(seq_q, seq_k, tile_rows, tile_cols, 1);
         let (k_tiles, slot_words, wpt) = (asm.bm.k_tiles, asm.slot_words, tile_cols / 32);
         let tiles = TileWidth::new(tile_cols);
@@ -513,6 +542,7 @@ impl BlockMask {
     ) -> Result<BlockMask> {
         check_tiles(tile_rows, tile_cols)?;
         mask_geometry(seq_q, seq_k)?;
+        check_tile_count(seq_q, seq_k, tile_rows, tile_cols, 1)?;
         let mut asm = Assembler::new(seq_q, seq_k, tile_rows, tile_cols, 1);
         let (k_tiles, slot_words, wpt) = (asm.bm.k_tiles, asm.slot_words, tile_cols / 32);
         let tiles = TileWidth::new(tile_cols);

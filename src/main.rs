@@ -48,7 +48,7 @@ enum Command {
     /// masked plan on the same random inputs, two warm-up runs then --repeat timed runs (GPU
     /// timestamps where the adapter has them, else wall clock), reports the medians, and checks
     /// --samples output rows against the f64 CPU reference. The exit status is non-zero if any
-    /// case's relative error exceeds 1e-4 (f32) or 5e-3 (f16).
+    /// case's relative error exceeds 1e-4 (f32), 5e-3 (f16) or 1e-2 (bf16).
     ///
     /// --backward times forward then backward (dQ, dK, dV) of both plans in one command buffer
     /// (the dense plan once per run: it is the same for every mask), and also checks dQ on

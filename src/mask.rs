@@ -49,6 +49,26 @@ pub(crate) fn mask_geometry(seq_q: usize, seq_k: usize) -> Result<usize> {
     Ok(seq_k.div_ceil(32))
 }
 
+/// Most bytes of bits one materialised mask holds (16 GiB: N = 370,000 square); block masks of
+/// the generators ([`MaskSpec::block_mask`]) need none.
+const MAX_MASK_BYTES: usize = 16 << 30;
+
+/// [`mask_geometry`] for a mask whose bits are allocated: error past [`MAX_MASK_BYTES`].
+fn dense_geometry(seq_q: usize, seq_k: usize) -> Result<usize> {
+    let wpr = mask_geometry(seq_q, seq_k)?;
+    if seq_q.saturating_mul(wpr).saturating_mul(4) > MAX_MASK_BYTES {
+        return Err(Error::InvalidArgument {
+            what: "mask size",
+            why: format!(
+                "the bits of a {seq_q} x {seq_k} mask take over {} GiB; build its block mask \
+                 from the generator (MaskSpec::block_mask) instead",
+                MAX_MASK_BYTES >> 30
+            ),
+        });
+    }
+    Ok(wpr)
+}
+
 /// The bits of the last word of a row that hold keys (`!0` when `seq_k` is a multiple of 32).
 pub(crate) fn tail_bits(seq_k: usize) -> u32 {
     match seq_k % 32 {
@@ -215,7 +235,7 @@ impl Mask {
 
     /// A mask where `f(q, k)` says whether query `q` may attend to key `k`.
     pub fn from_fn(seq_q: usize, seq_k: usize, f: impl Fn(usize, usize) -> bool) -> Result<Mask> {
-        let wpr = mask_geometry(seq_q, seq_k)?;
+        let wpr = dense_geometry(seq_q, seq_k)?;
         let mut bits = vec![0u32; seq_q * wpr];
         for (q, row) in bits.chunks_exact_mut(wpr).enumerate() {
             for k in 0..seq_k {
@@ -255,7 +275,7 @@ impl Mask {
         seq_k: usize,
         mut rows: impl FnMut(usize, &mut Vec<Range<usize>>),
     ) -> Result<Mask> {
-        let wpr = mask_geometry(seq_q, seq_k)?;
+        let wpr = dense_geometry(seq_q, seq_k)?;
         let mut bits = vec![0u32; seq_q * wpr];
         let mut buf = Vec::new();
         for (q, row) in bits.chunks_exact_mut(wpr).enumerate() {
@@ -375,7 +395,7 @@ impl Mask {
 
     /// The mask where no query sees any key.
     pub fn empty(seq_q: usize, seq_k: usize) -> Result<Mask> {
-        let wpr = mask_geometry(seq_q, seq_k)?;
+        let wpr = dense_geometry(seq_q, seq_k)?;
         Ok(Self::shared(seq_q, seq_k, vec![0; seq_q * wpr]))
     }
 
@@ -571,10 +591,21 @@ impl Mask {
 
 /// Parent array of a complete `branching`-ary tree of the given depth, nodes numbered level by
 /// level (breadth first): node 0 is the root, node `i > 0` has parent `(i - 1) / branching`. The node
-/// count is `sum(branching^l for l in 0..=depth)` (depth 0: the root alone).
+/// count is [`complete_tree_size`].
 ///
 /// `branching == 0`, or more than `u32::MAX` nodes, is [`Error::InvalidArgument`].
 pub fn complete_tree_parents(depth: usize, branching: usize) -> Result<Vec<Option<usize>>> {
+    let count = complete_tree_size(depth, branching)?;
+    Ok((0..count)
+        .map(|i| (i > 0).then(|| (i - 1) / branching))
+        .collect())
+}
+
+/// Nodes of a complete `branching`-ary tree of the given depth, `sum(branching^l for l in
+/// 0..=depth)` (depth 0: the root alone), without building it.
+///
+/// `branching == 0`, or more than `u32::MAX` nodes, is [`Error::InvalidArgument`].
+pub fn complete_tree_size(depth: usize, branching: usize) -> Result<usize> {
     if branching == 0 {
         return Err(Error::InvalidArgument {
             what: "tree branching",
@@ -597,9 +628,7 @@ pub fn complete_tree_parents(depth: usize, branching: usize) -> Result<Vec<Optio
             return Err(too_large());
         }
     }
-    Ok((0..count)
-        .map(|i| (i > 0).then(|| (i - 1) / branching))
-        .collect())
+    Ok(count)
 }
 
 fn check_document_sum(seq: usize, lengths: &[usize]) -> Result<()> {
@@ -929,7 +958,7 @@ impl MaskSpec {
         match self.prepare()? {
             Prepared::Rows { seq_q, seq_k, rows } => Mask::from_row_intervals(seq_q, seq_k, rows),
             Prepared::Strided { seq, step, rows } => {
-                let wpr = mask_geometry(seq, seq)?;
+                let wpr = dense_geometry(seq, seq)?;
                 let mut bits = vec![0u32; seq * wpr];
                 for (q, row) in bits.chunks_exact_mut(wpr).enumerate() {
                     let keys = rows(q);
@@ -1157,6 +1186,7 @@ impl MaskSpec {
                     .ok_or_else(|| invalid("tree size", "overflows"))?;
                 mask_geometry(n, n)?;
                 if depth.iter().any(|&d| d > TREE_INTERVAL_DEPTH) {
+                    dense_geometry(n, n)?;
                     return Ok(Prepared::Bits(tree_bits(prefix_len, parents, &depth)));
                 }
                 rows(
@@ -1184,7 +1214,7 @@ impl MaskSpec {
                 p,
                 seed,
             } => {
-                let wpr = mask_geometry(seq_q, seq_k)?;
+                let wpr = dense_geometry(seq_q, seq_k)?;
                 check_probability(p)?;
                 let mut bits = vec![0u32; seq_q * wpr];
                 for (q, row) in bits.chunks_exact_mut(wpr).enumerate() {

@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::kernel::Path;
 use crate::mask::{complete_tree_parents, Mask, SplitMix64};
@@ -284,6 +284,20 @@ impl Case {
         seed: u64,
         with_gradient: bool,
     ) -> Result<Case> {
+        // The inputs (as f32, encoded and decoded), asked for at once so that a size the host
+        // cannot hold is an error rather than an abort.
+        let elements = [shape.q_len(), shape.kv_len(), shape.kv_len(), shape.q_len()];
+        let bytes = elements.iter().fold(0usize, |a, &n| a.saturating_add(n)) as u128 * 12;
+        if usize::try_from(bytes)
+            .ok()
+            .and_then(|b| Vec::<u8>::new().try_reserve_exact(b).ok())
+            .is_none()
+        {
+            return Err(Error::InvalidArgument {
+                what: "shape",
+                why: format!("the host cannot allocate the {bytes} bytes of this case's inputs"),
+            });
+        }
         let mut rng = SplitMix64::new(seed);
         let e = options.dtype;
         let mut rand_stored = |n: usize| {

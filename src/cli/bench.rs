@@ -61,13 +61,15 @@ pub struct BenchArgs {
     /// Force a tile shape, query rows x key columns (default: the plan picks).
     #[arg(long, value_name = "RxC", value_parser = parse_tile)]
     pub tile: Option<(usize, usize)>,
-    /// Timed runs per plan after two warm-up runs; the median is reported.
-    #[arg(long, value_name = "K", default_value_t = 5)]
-    pub repeat: usize,
+    /// Timed runs per plan after two warm-up runs (1 to 10000); the median is reported.
+    #[arg(long, value_name = "K", default_value_t = 5,
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub repeat: u32,
     /// Output rows checked against the f64 CPU reference per case (with --backward also dQ
-    /// rows, and dK/dV keys).
-    #[arg(long, value_name = "ROWS", default_value_t = 64)]
-    pub samples: usize,
+    /// rows, and dK/dV keys); at least 1.
+    #[arg(long, value_name = "ROWS", default_value_t = 64,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub samples: u32,
     /// Time forward then backward (dQ, dK, dV) of both plans instead of the forward pass, and
     /// check the gradients too. The dense plan is timed once and shared by every mask.
     #[arg(long)]
@@ -198,16 +200,15 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     } else {
         vec![args.mask.as_str()]
     };
-    // Open the JSON file first: a bad path fails before minutes of work.
-    let mut json = match &args.json {
-        Some(p) => Some(BufWriter::new(File::create(p).map_err(|e| {
-            Error::Io(format!("{}: cannot write: {e}", p.display()))
-        })?)),
-        None => None,
-    };
     let gpu = Gpu::new()?;
     let cpu = gpu.is_cpu();
     let seq = args.seq.unwrap_or(if cpu { 1024 } else { 8192 });
+    // Mask kinds and their options, the shape, then the JSON file, before any case: a bad
+    // name, option, shape or path fails before minutes of work (and leaves no empty file).
+    let specs = kinds
+        .iter()
+        .map(|kind| generate::spec(kind, seq, &args.generator))
+        .collect::<Result<Vec<_>>>()?;
     let heads = args.heads.unwrap_or(if cpu { 4 } else { 16 });
     let shape = Shape {
         batch: args.batch.unwrap_or(if cpu { 1 } else { 2 }),
@@ -218,6 +219,12 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         head_dim: args.head_dim,
     };
     shape.validate()?;
+    let mut json = match &args.json {
+        Some(p) => Some(BufWriter::new(File::create(p).map_err(|e| {
+            Error::Io(format!("{}: cannot write: {e}", p.display()))
+        })?)),
+        None => None,
+    };
     let auto = if cpu {
         DType::F32
     } else {
@@ -232,8 +239,8 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         ..Default::default()
     };
     let measure = Measure {
-        repeats: args.repeat.max(1),
-        samples: args.samples,
+        repeats: args.repeat as usize,
+        samples: args.samples as usize,
         seed: INPUT_SEED,
     };
     eprintln!(
@@ -256,10 +263,10 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         measure.repeats,
     );
     let mut rows: Vec<CaseResult> = Vec::new();
-    for (i, kind) in kinds.iter().enumerate() {
+    for (i, (kind, spec)) in kinds.iter().zip(&specs).enumerate() {
         eprint!("[{}/{}] {kind} ...", i + 1, kinds.len());
         std::io::stderr().flush().ok();
-        let mask = generate::spec(kind, seq, &args.generator)?.mask()?;
+        let mask = spec.mask()?;
         let r = if args.backward {
             // Every case has the same inputs and dense plan: its times are measured once.
             let dense = rows

@@ -2,7 +2,7 @@
 //! share, and the [`MaskSpec`] each kind builds. With default options a suite family's mask is
 //! exactly [`blockflash::suite::family_mask`]'s.
 
-use blockflash::mask::{complete_tree_parents, MaskSpec};
+use blockflash::mask::{complete_tree_size, MaskSpec};
 use blockflash::suite::{lognormal_lengths, FAMILIES};
 use blockflash::{Error, Result};
 use clap::Args;
@@ -204,10 +204,13 @@ pub fn spec(kind: &str, seq: usize, g: &GeneratorArgs) -> Result<MaskSpec> {
             seed,
         },
         "tree" => {
-            let mut parents =
-                complete_tree_parents(g.depth.unwrap_or(6), g.branching.unwrap_or(4))?;
-            // Truncated to N, or padded with roots: tokens that see only themselves.
-            parents.resize(seq, None);
+            let branching = g.branching.unwrap_or(4);
+            let count = complete_tree_size(g.depth.unwrap_or(6), branching)?;
+            // The first N nodes (breadth first), or padded with roots: tokens that see only
+            // themselves.
+            let parents = (0..seq)
+                .map(|i| (i > 0 && i < count).then(|| (i - 1) / branching))
+                .collect();
             MaskSpec::Tree {
                 prefix_len: 0,
                 parents,

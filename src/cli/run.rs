@@ -177,13 +177,31 @@ fn load(args: &RunArgs) -> Result<Inputs> {
 
 /// Runs `blockflash run`.
 pub fn run(args: &RunArgs) -> Result<()> {
-    // Refuse unknown output types before any work.
-    Format::of(&args.out)?;
-    for p in [&args.lse, &args.dq, &args.dk, &args.dv]
-        .into_iter()
-        .flatten()
-    {
+    // Refuse unknown output types, outputs that would overwrite each other and folders that do
+    // not exist before any work.
+    let outputs: Vec<&PathBuf> = std::iter::once(&args.out)
+        .chain(
+            [&args.lse, &args.dq, &args.dk, &args.dv]
+                .into_iter()
+                .flatten(),
+        )
+        .collect();
+    for (i, p) in outputs.iter().enumerate() {
         Format::of(p)?;
+        if outputs[..i].contains(p) {
+            return Err(Error::Io(format!(
+                "{} is named for two outputs: each needs its own file",
+                p.display()
+            )));
+        }
+        let folder = p.parent().filter(|f| !f.as_os_str().is_empty());
+        if folder.is_some_and(|f| !f.is_dir()) {
+            return Err(Error::Io(format!(
+                "{}: the folder {} does not exist",
+                p.display(),
+                folder.map_or_else(String::new, |f| f.display().to_string())
+            )));
+        }
     }
     let t0 = Instant::now();
     let inputs = load(args)?;

@@ -856,6 +856,8 @@ fn documented_errors_exit_non_zero_with_a_message() {
         odd("mask65.npy", "|u1", false, &[64, 65]),
     );
     let missing = dir.join("missing.npy");
+    let nowhere = dir.join("no-such-folder").join("lse.npy");
+    let json = dir.join("rows.jsonl");
     let run = "run --q {} --k {} --v {} --out {}";
     let cases: Vec<(String, Vec<&Path>, &str)> = vec![
         // Unreadable files.
@@ -919,9 +921,54 @@ fn documented_errors_exit_non_zero_with_a_message() {
             "--window does not apply",
         ),
         ("mask --from {}".into(), vec![&missing], "cannot read"),
+        // Outputs that would overwrite each other or go to a folder that does not exist,
+        // refused before any work.
+        (
+            format!("{run} --lse {{}}"),
+            vec![&q, &kv, &kv, &out, &out],
+            "named for two outputs",
+        ),
+        (
+            format!("{run} --lse {{}}"),
+            vec![&q, &kv, &kv, &out, &nowhere],
+            "does not exist",
+        ),
+        // Sizes that would not fit the host: an error, not an abort.
+        (
+            "mask --kind random --seq 1048576".into(),
+            vec![],
+            "take over 16 GiB",
+        ),
+        (
+            "mask --kind causal --seq 2147483648".into(),
+            vec![],
+            "tiles is over",
+        ),
+        (
+            "bench --mask causal --seq 64 --batch 100000000000 --heads 1 --head-dim 32".into(),
+            vec![],
+            "cannot allocate",
+        ),
+        // Bench options out of range, and a bad mask kind before the JSON file is made.
+        (
+            "bench --mask causal --seq 64 --repeat 0".into(),
+            vec![],
+            "--repeat",
+        ),
+        (
+            "bench --mask causal --seq 64 --samples 0".into(),
+            vec![],
+            "--samples",
+        ),
+        (
+            "bench --mask zigzag --seq 64 --json {}".into(),
+            vec![&json],
+            "not one of",
+        ),
     ];
     for (line, files, needle) in cases {
         fails(&line, &files, needle);
     }
+    assert!(!json.exists(), "a failed bench left {}", json.display());
     std::fs::remove_dir_all(&dir).ok();
 }
