@@ -31,7 +31,7 @@ pub struct RunArgs {
     #[arg(long, value_name = "FILE", requires = "q")]
     pub mask: Option<PathBuf>,
     /// One .safetensors file holding tensors "q", "k", "v" and optionally "mask" (F32, F16 or
-    /// BF16; mask BOOL or U8), instead of --q/--k/--v/--mask.
+    /// BF16; mask BOOL or U8) and no others, instead of --q/--k/--v/--mask.
     #[arg(long, value_name = "FILE", conflicts_with_all = ["q", "k", "v", "mask"])]
     pub inputs: Option<PathBuf>,
     /// Output O [B, H, Nq, d] as float32: .npy, or .safetensors (tensor "o").
@@ -143,7 +143,18 @@ fn load(args: &RunArgs) -> Result<Inputs> {
                 })
             };
             let (q, k, v) = (take("q")?, take("k")?, take("v")?);
-            (q, k, v, take("mask").ok())
+            let mask = take("mask").ok();
+            // A misnamed mask would otherwise run unmasked.
+            let mut rest: Vec<&String> = all.keys().collect();
+            if !rest.is_empty() {
+                rest.sort();
+                return Err(Error::Io(format!(
+                    "{}: tensors {rest:?} are not used: --inputs reads \"q\", \"k\", \"v\" and \
+                     \"mask\"",
+                    path.display()
+                )));
+            }
+            (q, k, v, mask)
         }
         None => {
             let read = |p: &Option<PathBuf>, name: &str| {

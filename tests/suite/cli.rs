@@ -408,6 +408,20 @@ fn run_on_a_safetensors_file_round_trips() {
         &want,
         1e-5,
     );
+    // A misnamed mask is refused, not run unmasked.
+    let misnamed = dir.join("misnamed.safetensors");
+    let file = safetensors(&[
+        ("q", "F32", vec![1, 2, 96, 32], f32_bytes(&q)),
+        ("k", "F16", vec![1, 2, 96, 32], f16_bytes(&k)),
+        ("v", "F32", vec![1, 2, 96, 32], f32_bytes(&v)),
+        ("Mask", "BOOL", vec![96, 96], vec![1u8; 96 * 96]),
+    ]);
+    std::fs::write(&misnamed, file).unwrap();
+    fails(
+        "run --inputs {} --out {}",
+        &[&misnamed, &of],
+        "[\"Mask\"] are not used",
+    );
     std::fs::remove_dir_all(&dir).ok();
 }
 
