@@ -106,8 +106,17 @@ pub fn run(args: &MaskArgs) -> Result<()> {
         } else {
             format!("one tile = {0}x{0} pixels", p.pixels_per_cell)
         };
+        let panels = if p.panels < bm.batches() {
+            format!(
+                ", the first {} of {} batch elements",
+                p.panels,
+                bm.batches()
+            )
+        } else {
+            String::new()
+        };
         format!(
-            "wrote {} ({}x{} px, {cells})",
+            "wrote {} ({}x{} px, {cells}{panels})",
             path.display(),
             p.width,
             p.height

@@ -14,6 +14,8 @@ use blockflash::{BlockMask, Error, Result};
 pub const MAX_CELLS: usize = 1024;
 /// Pixels of the longer side that small pictures are scaled up to.
 pub const MIN_SIDE: usize = 512;
+/// Most batch elements drawn, one panel each (the first ones).
+pub const MAX_PANELS: usize = 16;
 
 /// Margin around the panels and the legend, in pixels.
 const MARGIN: usize = 8;
@@ -41,6 +43,8 @@ pub struct Picture {
     pub tiles_per_cell: usize,
     /// Pixels per cell side.
     pub pixels_per_cell: usize,
+    /// Batch elements drawn (the first ones, at most [`MAX_PANELS`]).
+    pub panels: usize,
 }
 
 /// 5 × 7 glyphs of the legend's characters, one byte per row, bit 4 the leftmost pixel.
@@ -156,7 +160,7 @@ fn render(bm: &BlockMask) -> (Picture, Vec<u8>) {
         1
     };
     let width = panel_w.max(legend_width(&entries, &tiles, scale)) + 2 * MARGIN;
-    let panels = bm.batches();
+    let panels = bm.batches().min(MAX_PANELS);
     let legend_top = MARGIN + panels * (panel_h + MARGIN) + MARGIN;
     let height = legend_top + 18 * scale + MARGIN;
     let mut canvas = Canvas {
@@ -189,6 +193,7 @@ fn render(bm: &BlockMask) -> (Picture, Vec<u8>) {
         height,
         tiles_per_cell: f,
         pixels_per_cell: px,
+        panels,
     };
     (picture, canvas.pixels)
 }

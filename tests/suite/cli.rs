@@ -576,6 +576,15 @@ fn mask_json_matches_the_library_and_files() {
         u32::from_be_bytes(picture[20..24].try_into().unwrap()),
     );
     assert!(w >= 256 && h >= 256, "{w}x{h}");
+    // Many batch elements: the first ones are drawn, and the output says so.
+    let many = dir.join("many.npy");
+    std::fs::write(
+        &many,
+        npy("|b1", false, &[40, 64, 64], &vec![1u8; 40 * 64 * 64]),
+    )
+    .unwrap();
+    let text = ok("mask --from {} --png {}", &[&many, &png]);
+    assert!(text.contains("the first 16 of 40 batch elements"), "{text}");
     let text = ok(
         "mask --kind sliding-window --seq 512 --window 200 --symmetric",
         &[],
