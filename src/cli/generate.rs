@@ -195,14 +195,18 @@ pub fn spec(kind: &str, seq: usize, g: &GeneratorArgs) -> Result<MaskSpec> {
             window: g.window.unwrap_or(unit),
             global: (0..global()?).collect(),
         },
-        "bigbird" => MaskSpec::BigBird {
-            seq,
-            window: g.window.unwrap_or(unit),
-            num_global: global()?,
-            block: g.block.unwrap_or((seq / 256).max(1)),
-            random_blocks_per_row: g.random_blocks.unwrap_or(3),
-            seed,
-        },
+        "bigbird" => {
+            let block = g.block.unwrap_or((seq / 256).max(1));
+            MaskSpec::BigBird {
+                seq,
+                window: g.window.unwrap_or(unit),
+                num_global: global()?,
+                block,
+                // (by default 3, or every block of a sequence of fewer)
+                random_blocks_per_row: g.random_blocks.unwrap_or(3.min(seq.div_ceil(block))),
+                seed,
+            }
+        }
         "tree" => {
             let branching = g.branching.unwrap_or(4);
             let count = complete_tree_size(g.depth.unwrap_or(6), branching)?;

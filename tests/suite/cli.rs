@@ -791,6 +791,12 @@ fn bench_tier_forces_the_kernel_tier() {
         &[],
         "invalid value 'cuda' for '--tier",
     );
+    // Every family at a length of two tokens (BigBird's default random blocks shrink to fit).
+    let text = ok(
+        "bench --seq 2 --batch 1 --heads 1 --head-dim 32 --repeat 1 --tier portable-f32",
+        &[],
+    );
+    assert!(text.contains("| bigbird |"), "{text}");
     std::fs::remove_dir_all(&dir).ok();
 }
 
