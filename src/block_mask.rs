@@ -69,7 +69,7 @@ pub struct BlockMask {
 const MAX_TILE_SIDE: usize = 4096;
 
 /// Most tiles one block mask holds (one byte of state each: 4 GiB).
-const MAX_TILES: usize = 1 << 32;
+const MAX_TILES: u64 = 1 << 32;
 
 /// Error unless a block mask of `batches` masks of `seq_q × seq_k` at these tiles holds at most
 /// [`MAX_TILES`] tiles.
@@ -82,9 +82,9 @@ fn check_tile_count(
 ) -> Result<()> {
     let tiles = [seq_q.div_ceil(tile_rows), seq_k.div_ceil(tile_cols)]
         .into_iter()
-        .try_fold(batches, usize::checked_mul);
+        .try_fold(batches as u64, |a, n| a.checked_mul(n as u64));
     match tiles {
-        Some(n) if n <= MAX_TILES => Ok(()),
+        Some(n) if n <= MAX_TILES && usize::try_from(n).is_ok() => Ok(()),
         _ => Err(Error::InvalidArgument {
             what: "tiles",
             why: format!(

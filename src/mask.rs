@@ -51,12 +51,13 @@ pub(crate) fn mask_geometry(seq_q: usize, seq_k: usize) -> Result<usize> {
 
 /// Most bytes of bits one materialised mask holds (16 GiB: N = 370,000 square); block masks of
 /// the generators ([`MaskSpec::block_mask`]) need none.
-const MAX_MASK_BYTES: usize = 16 << 30;
+const MAX_MASK_BYTES: u64 = 16 << 30;
 
 /// [`mask_geometry`] for a mask whose bits are allocated: error past [`MAX_MASK_BYTES`].
 fn dense_geometry(seq_q: usize, seq_k: usize) -> Result<usize> {
     let wpr = mask_geometry(seq_q, seq_k)?;
-    if seq_q.saturating_mul(wpr).saturating_mul(4) > MAX_MASK_BYTES {
+    let bytes = (seq_q as u64).saturating_mul(wpr as u64).saturating_mul(4);
+    if bytes > MAX_MASK_BYTES || usize::try_from(bytes).is_err() {
         return Err(Error::InvalidArgument {
             what: "mask size",
             why: format!(
