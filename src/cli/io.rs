@@ -232,15 +232,16 @@ pub fn read_npy(path: &Path) -> Result<Tensor> {
     if bytes.len() < 10 || &bytes[..6] != NPY_MAGIC {
         return Err(bad("not a .npy file (no \\x93NUMPY magic)".into()));
     }
-    let (header_len, start) = match bytes[6] {
+    let (header_len, start): (usize, usize) = match bytes[6] {
         1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
         2 | 3 if bytes.len() >= 12 => (
             u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
             12,
         ),
+        2 | 3 => return Err(bad("truncated .npy header".into())),
         v => return Err(bad(format!(".npy format version {v} is not supported"))),
     };
-    let end = start + header_len;
+    let end = start.saturating_add(header_len);
     let header = bytes
         .get(start..end)
         .and_then(|h| std::str::from_utf8(h).ok())

@@ -885,6 +885,9 @@ fn documented_errors_exit_non_zero_with_a_message() {
         odd("mask65.npy", "|u1", false, &[64, 65]),
     );
     let missing = dir.join("missing.npy");
+    // A version-2 file cut off inside its header length.
+    let cut = dir.join("cut.npy");
+    std::fs::write(&cut, b"\x93NUMPY\x02\x00\x10\x00").unwrap();
     let nowhere = dir.join("no-such-folder").join("lse.npy");
     let json = dir.join("rows.jsonl");
     let run = "run --q {} --k {} --v {} --out {}";
@@ -895,6 +898,11 @@ fn documented_errors_exit_non_zero_with_a_message() {
             run.into(),
             vec![&short, &kv, &kv, &out],
             "needs 16384 bytes",
+        ),
+        (
+            run.into(),
+            vec![&cut, &kv, &kv, &out],
+            "truncated .npy header",
         ),
         (run.into(), vec![&fortran, &kv, &kv, &out], "Fortran"),
         (run.into(), vec![&big, &kv, &kv, &out], "big-endian"),
