@@ -786,8 +786,6 @@ struct CacheInner {
     backward: HashMap<BackwardVariant, (wgpu::ComputePipeline, wgpu::BindGroupLayout)>,
 }
 
-/// A shader module from blockflash's own WGSL, without wgpu's loop bounding and, where
-/// `bounds_checks` is false, without the index clamping that wgpu adds to it.
 /// Whether tensor-core modules on `device` run with emulated cooperative matrices: a
 /// tensor-core plan on a device without them comes from a Gpu that emulates them
 /// (Gpu::with_tensor_core_emulation).
@@ -797,6 +795,8 @@ fn emulates_coop(device: &wgpu::Device) -> bool {
         .contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX)
 }
 
+/// A shader module from blockflash's own WGSL, without wgpu's loop bounding and, where
+/// `bounds_checks` is false, without the index clamping that wgpu adds to it.
 fn trusted_module(
     device: &wgpu::Device,
     label: &str,

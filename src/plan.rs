@@ -1187,11 +1187,12 @@ fn split_rows(
     }
 }
 
-/// Splits (batch, kv-head) work so that every tensor of a part fits one storage binding and
-/// every dispatch dimension fits the adapter: returns (b0, nb, hk0, nhk) parts.
 /// Most dispatches (each with its own index and scratch buffers) one plan splits its work into.
 const MAX_DISPATCHES: usize = 1 << 16;
 
+/// Splits (batch, kv-head) work so that every tensor of a part fits one storage binding and
+/// every dispatch dimension fits the adapter: returns (b0, nb, hk0, nhk) parts; more than
+/// [`MAX_DISPATCHES`] of them, or counts past the dispatch limits, are an error.
 fn split_work(
     s: &Shape,
     binding_limit: u64,

@@ -9,7 +9,7 @@
 //! to the storage type). GPU outputs are
 //! poisoned with NaN before every run, so an element the kernels never write fails the check.
 
-use blockflash::kernel::{DType, KernelConfig};
+use blockflash::kernel::DType;
 use blockflash::shape::HEAD_DIMS;
 use blockflash::suite::{family_mask, FAMILIES};
 use blockflash::timing::{median_fwd_bwd_ms, Clock, Resident};
@@ -20,8 +20,8 @@ use blockflash::{
 use wgpu::util::DeviceExt;
 
 use crate::common::{
-    baseline_gpu, emulated_gpu, gpu, inputs, poisoned, rel_l2, rounded, shuffled_band,
-    small_binding_gpu, Rng,
+    baseline_gpu, emulated_gpu, gpu, head_dims_with_tiles, inputs, poisoned, rel_l2, rounded,
+    shuffled_band, small_binding_gpu, Rng,
 };
 
 /// Relative L2 error allowed per gradient with f32 storage.
@@ -609,12 +609,7 @@ fn tensor_core_gradients_match_reference_on_every_family_path_and_shape() {
     );
     // Head dims and tile shapes the plan picks, Nq != Nk (decoding-style causal: with Nq > Nk
     // the first rows see no key), batch 2, and no mask.
-    for d in HEAD_DIMS {
-        if KernelConfig::candidates(&g.limits(), Tier::TensorCore, d).is_empty() {
-            let why = "no tile of this tier fits the adapter's limits";
-            eprintln!("SKIPPED tensor-core gradients at d={d}: {why}");
-            continue;
-        }
+    for d in head_dims_with_tiles(g, Tier::TensorCore, "tensor-core gradients") {
         for (nq, nk) in [(45, 133), (133, 45)] {
             let shape = Shape {
                 batch: 2,

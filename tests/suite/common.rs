@@ -1,10 +1,11 @@
 //! Shared test helpers: a seeded generator, the one GPU of the test run, poisoned runs through
 //! the GPU-resident form, and comparisons against the f64 reference.
 
+use std::io::Write;
 use std::sync::OnceLock;
 
-use blockflash::kernel::DType;
-use blockflash::{reference, Gpu, Mask, Output, Plan, Shape, Tensors};
+use blockflash::kernel::{DType, KernelConfig};
+use blockflash::{reference, Gpu, Mask, Output, Plan, Shape, Tensors, Tier};
 use wgpu::util::DeviceExt;
 
 /// splitmix64: small, seedable, good enough for test data.
@@ -116,6 +117,19 @@ pub fn shuffled_band(rng: &mut Rng, n: usize, width: usize) -> Mask {
 }
 
 /// Random Q, K, V for `shape`.
+/// The head dims that `tier` has a tile for within `g`'s limits; the others are printed as
+/// SKIPPED for `what` (the automatic plan runs them on another tier).
+pub fn head_dims_with_tiles(g: &Gpu, tier: Tier, what: &str) -> Vec<usize> {
+    let (run, skip): (Vec<usize>, Vec<usize>) = blockflash::shape::HEAD_DIMS
+        .into_iter()
+        .partition(|&d| !KernelConfig::candidates(&g.limits(), tier, d).is_empty());
+    for d in skip {
+        let why = "no tile of this tier fits the adapter's limits";
+        writeln!(std::io::stderr(), "SKIPPED {what} at d={d}: {why}").ok();
+    }
+    run
+}
+
 pub fn inputs(rng: &mut Rng, shape: &Shape) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     (
         rng.vec(shape.q_len()),

@@ -5,15 +5,15 @@
 
 use std::io::Write;
 
-use blockflash::kernel::{DType, KernelConfig};
+use blockflash::kernel::DType;
 use blockflash::suite::{family_mask, FAMILIES};
 use blockflash::{Error, Mask, Path, Plan, PlanOptions, Reorder, Shape, Tier};
 
 use blockflash::Gpu;
 
 use crate::common::{
-    assert_close, check_case_on, emulated_gpu, gpu, inputs, rounded, run_poisoned_on,
-    shuffled_band, tolerance, Rng,
+    assert_close, check_case_on, emulated_gpu, gpu, head_dims_with_tiles, inputs, rounded,
+    run_poisoned_on, shuffled_band, tolerance, Rng,
 };
 
 fn tier_or_skip(tier: Tier) -> bool {
@@ -71,13 +71,7 @@ fn every_path_on_every_family(g: &Gpu, tier: Tier) {
 
 fn shapes_head_dims_and_splits(g: &Gpu, tier: Tier) {
     let mut rng = Rng::fresh(&format!("{tier} shapes"));
-    for d in blockflash::shape::HEAD_DIMS {
-        if KernelConfig::candidates(&g.limits(), tier, d).is_empty() {
-            // The automatic plan runs such head dims on another tier (see the test below).
-            let why = "no tile of this tier fits the adapter's limits";
-            writeln!(std::io::stderr(), "SKIPPED {tier} at d={d}: {why}").ok();
-            continue;
-        }
+    for d in head_dims_with_tiles(g, tier, &tier.to_string()) {
         for (nq, nk) in [(1, 17), (65, 63), (130, 257)] {
             let shape = Shape {
                 batch: 1,
