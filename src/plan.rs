@@ -153,23 +153,63 @@ pub struct Plan {
     build_ms: f64,
 }
 
-/// Estimated cost of one tile in arbitrary units: the multiply-adds, the K/V loads that the
-/// tile's rows share, and a fixed cost of barriers and loop overhead.
-fn tile_cost(c: &KernelConfig) -> f64 {
-    let (br, bc, d) = (c.tile_rows as f64, c.tile_cols as f64, c.head_dim as f64);
-    let cost = br * bc * d + 8.0 * bc * d + 4096.0;
-    // Tensor-core tiles whose next K/V tile is not fetched ahead wait for global memory every
-    // tile: 4x to 7x slower per tile on the H200 (BENCHMARKS.md, 2026-11-30).
-    if c.tier == Tier::TensorCore && !c.prefetch() {
-        4.0 * cost
-    } else {
-        cost
-    }
+/// What the cost model charges a kernel configuration: one work item (a query tile's Q load,
+/// output write and the wait for its first K/V tile), one key tile of the dense walk, one of the
+/// run-length and sparse walks, and the extra of applying mask bits to a tile.
+struct Costs {
+    item: f64,
+    dense: f64,
+    run_length: f64,
+    sparse: f64,
+    mask: f64,
 }
 
-/// Extra cost of applying mask bits to one tile.
-fn mask_cost(c: &KernelConfig) -> f64 {
-    (c.tile_rows * c.tile_cols) as f64 * 4.0
+/// The tensor-core kernel per 32-key tile at d = 64, in nanoseconds of the whole H200 (132
+/// SMs), by tile rows: (dense tile, tile of the sparse walk). Fitted on 2026-12-01 to the dense
+/// plan and the causal, documents, tree and Longformer plans of `bench --seq 16384 --batch 4
+/// --heads 32 --head-dim 64 --tile Rx32` at each tile shape (BENCHMARKS.md): more rows per
+/// workgroup share each K/V tile load and keep more warps busy, so a 64x32 tile costs less
+/// than a 32x32 one, not twice as much (at d = 128 the gap is wider still).
+const TENSOR_CORE_TILE_NS: [(usize, f64, f64); 3] =
+    [(64, 8.8, 12.4), (32, 12.3, 15.1), (16, 20.7, 24.5)];
+/// The tensor-core kernel's fixed cost per work item (Q, the first K/V tile, the output), in
+/// the same fit (nanoseconds at d = 64).
+const TENSOR_CORE_ITEM_NS: f64 = 50.0;
+
+fn costs(c: &KernelConfig) -> Costs {
+    let (br, bc, d) = (c.tile_rows as f64, c.tile_cols as f64, c.head_dim as f64);
+    if c.tier == Tier::TensorCore {
+        let (_, dense, sparse) = TENSOR_CORE_TILE_NS
+            .iter()
+            .copied()
+            .find(|&(rows, _, _)| rows == c.tile_rows)
+            .unwrap_or(TENSOR_CORE_TILE_NS[TENSOR_CORE_TILE_NS.len() - 1]);
+        // Per tile in proportion to the head dim; tiles whose next K/V tile is not fetched
+        // ahead wait for global memory every tile: 4x to 7x slower per tile on the H200
+        // (BENCHMARKS.md, 2026-11-30).
+        let scale = d / 64.0 * if c.prefetch() { 1.0 } else { 4.0 };
+        return Costs {
+            item: TENSOR_CORE_ITEM_NS * d / 64.0,
+            dense: dense * scale,
+            // The run-length walk measured 1.6x the sparse walk's time per tile on the H100
+            // (a full mask at N = 16384: 496 against 316 ms, BENCHMARKS.md).
+            run_length: 1.6 * sparse * scale,
+            sparse: sparse * scale,
+            // Mask bits on every tile of the dense path: causal at 64x32 took 241 ms there
+            // against 147 ms unmasked.
+            mask: 0.6 * dense * scale,
+        };
+    }
+    // Portable tiers, in arbitrary units: the multiply-adds, the K/V loads that the tile's rows
+    // share, and a fixed cost of barriers and loop overhead; the sparse walk reads its list.
+    let tile = br * bc * d + 8.0 * bc * d + 4096.0;
+    Costs {
+        item: 0.0,
+        dense: tile,
+        run_length: tile,
+        sparse: tile + 64.0,
+        mask: br * bc * 4.0,
+    }
 }
 
 struct Choice {
@@ -197,31 +237,23 @@ fn choose(
             None => BlockMask::new(mask, config.tile_rows, config.tile_cols)?,
         };
         let tiles = bm.total_tiles() as f64;
-        let t = tile_cost(&config);
-        let m = mask_cost(&config);
+        let c = costs(&config);
+        let items = (bm.q_tiles() * bm.batches()) as f64 * c.item;
         // A mask that allows every pair runs the dense path without mask bits: the unmasked
         // kernel.
         let dense_cost = if bm.full_tiles() == bm.total_tiles() {
-            tiles * t
+            items + tiles * c.dense
         } else {
-            tiles * (t + m)
+            items + tiles * (c.dense + c.mask)
         };
         let active = bm.active_tiles() as f64;
-        let partial = bm.partial_tiles() as f64;
-        let block_cost = active * t + partial * m;
+        let partial = bm.partial_tiles() as f64 * c.mask;
         let mut options = vec![
             (Path::Dense, dense_cost),
-            (Path::Sparse, block_cost + active * 64.0),
+            (Path::Sparse, items + active * c.sparse + partial),
         ];
         if bm.runs().is_some() {
-            // The tensor-core kernel's run-length walk measured 1.6x its sparse walk's time per
-            // tile on the H100 (a full mask at N = 16384: 496 against 316 ms, BENCHMARKS.md).
-            let walk = if config.tier == Tier::TensorCore {
-                1.6
-            } else {
-                1.0
-            };
-            options.push((Path::RunLength, block_cost * walk));
+            options.push((Path::RunLength, items + active * c.run_length + partial));
         }
         if let Some(p) = forced_path {
             if p == Path::RunLength && bm.runs().is_none() {
@@ -1274,4 +1306,37 @@ fn split_work(
         }
     }
     Ok(parts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The tensor-core cost model picks the tiles that ran fastest on the H200 for every mask
+    /// family of the suite: 64x32, with the sparse path (32x32 tiles took 1.75x to 2x the time
+    /// for tree and Longformer masks, which the area-proportional model used to pick).
+    #[test]
+    fn tensor_core_plans_take_64_row_tiles_and_the_sparse_path() {
+        let limits = wgpu::Limits {
+            max_compute_workgroup_storage_size: 49152,
+            max_compute_invocations_per_workgroup: 1024,
+            max_compute_workgroup_size_x: 1024,
+            ..Default::default()
+        };
+        for d in [64, 128] {
+            let candidates = KernelConfig::candidates(&limits, Tier::TensorCore, d);
+            let rows: Vec<usize> = candidates.iter().map(|c| c.tile_rows).collect();
+            assert_eq!(rows, [64, 32, 16], "d = {d}");
+            for family in crate::suite::FAMILIES {
+                let mask = crate::suite::family_mask(family, 4096, 1).unwrap();
+                let ch = choose(&candidates, &mask, None, None).unwrap();
+                let tile = (ch.config.tile_rows, ch.config.tile_cols);
+                assert_eq!(
+                    (tile, ch.path),
+                    ((64, 32), Path::Sparse),
+                    "{family} at d = {d}"
+                );
+            }
+        }
+    }
 }
