@@ -54,8 +54,9 @@ fn mask_word(i: u32) -> u32 {
     return bits_buf[i];
 }
 
-// K, then the V buffers of even and odd steps; rows padded by 8.
-var<workgroup> kv_sh: array<f16, 3u * BC * (D + 8u)>;
+// K, then the V buffers of even and odd steps; rows padded by 8. Q passes through it at the
+// start, so it holds at least BR rows.
+var<workgroup> kv_sh: array<f16, max(3u * BC, BR) * (D + 8u)>;
 var<workgroup> p_sh: array<f16, BR * (BC + 8u)>;
 var<workgroup> f_sh: array<f32, BR * (max(BC, DC) + 4u)>;
 // each thread's tile max, then its l at the end; the rescale flag at 2 BR

@@ -820,6 +820,44 @@ impl BlockMask {
     }
 
     /// Row `r`'s range in `cols` split at its first partial entry: `(start, mid, end)`.
+    /// The mask this block mask describes (per batch element when it has several): full tiles
+    /// allow every pair, empty ones none, partial ones their bits. Used to rebuild the mask at
+    /// another tile shape.
+    pub(crate) fn to_mask(&self) -> Result<Mask> {
+        let (wpr, wpt) = (self.seq_k.div_ceil(32), self.tile_cols / 32);
+        let slot_words = self.tile_rows * wpt;
+        let masks = (0..self.batches)
+            .map(|b| {
+                let mut words = vec![0u32; self.seq_q * wpr];
+                for qt in 0..self.q_tiles {
+                    let r = b * self.q_tiles + qt;
+                    let rows = qt * self.tile_rows..((qt + 1) * self.tile_rows).min(self.seq_q);
+                    let (start, mid, end) = self.row_bounds(r);
+                    for (i, &kt) in self.cols[start..end].iter().enumerate() {
+                        let w = kt as usize * wpt..((kt as usize + 1) * wpt).min(wpr);
+                        let slot = (i >= mid - start).then(|| {
+                            let s = self.partial_base[r] as usize + i - (mid - start);
+                            &self.partial_bits[s * slot_words..][..slot_words]
+                        });
+                        for (j, q) in rows.clone().enumerate() {
+                            let dst = &mut words[q * wpr + w.start..q * wpr + w.end];
+                            match slot {
+                                Some(bits) => dst.copy_from_slice(&bits[j * wpt..][..dst.len()]),
+                                None => dst.fill(!0),
+                            }
+                        }
+                    }
+                }
+                Mask::from_words(self.seq_q, self.seq_k, words)
+            })
+            .collect::<Result<Vec<Mask>>>()?;
+        if masks.len() == 1 {
+            Ok(masks.into_iter().next().expect("one mask"))
+        } else {
+            Mask::per_batch(masks)
+        }
+    }
+
     fn row_bounds(&self, r: usize) -> (usize, usize, usize) {
         let start = self.row_ptr[r] as usize;
         (
@@ -944,5 +982,32 @@ impl fmt::Display for BlockMask {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `to_mask` gives back the mask a block mask was built from: shared and per batch, tiles
+    /// that do not divide the lengths, 128-row tiles, rows and keys that see nothing.
+    #[test]
+    fn to_mask_gives_back_the_mask() {
+        let masks = [
+            crate::suite::family_mask("documents", 300, 3).unwrap(),
+            crate::suite::family_mask("tree", 257, 3).unwrap(),
+            Mask::from_fn(45, 61, |q, k| q >= 5 && k < 50 && (k * 7 + q) % 5 != 0).unwrap(),
+            Mask::per_batch(vec![
+                Mask::causal(130, 100).unwrap(),
+                Mask::sliding_window(130, 100, 9, false).unwrap(),
+            ])
+            .unwrap(),
+        ];
+        for mask in &masks {
+            for (rows, cols) in [(128, 32), (64, 32), (16, 64), (8, 32)] {
+                let bm = BlockMask::new(mask, rows, cols).unwrap();
+                assert_eq!(&bm.to_mask().unwrap(), mask, "{rows}x{cols}");
+            }
+        }
     }
 }

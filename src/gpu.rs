@@ -98,6 +98,9 @@ impl fmt::Debug for Gpu {
     }
 }
 
+/// The most invocations per workgroup of a device whose cooperative matrices are emulated.
+const EMULATED_INVOCATIONS: usize = 128;
+
 impl Gpu {
     /// Picks an adapter and creates a device on it (blocking; see [`Gpu::new_async`]).
     pub fn new() -> Result<Gpu> {
@@ -199,9 +202,9 @@ impl Gpu {
     ///
     /// For testing: the tensor-core kernels' tiling, masking and softmax (forward and backward)
     /// then run, and can be checked against the reference, on any device with `SHADER_F16`
-    /// (lavapipe included),
-    /// far slower than either real tier. The emulation's products go through workgroup
-    /// memory, so [`Gpu::limits`] reports 8 KiB less of it.
+    /// (lavapipe included), far slower than either real tier. The emulation's products go
+    /// through workgroup memory, so [`Gpu::limits`] reports 8 KiB less of it and at most 128
+    /// invocations per workgroup (no 128-row tensor-core tiles).
     pub fn with_tensor_core_emulation(mut self) -> Gpu {
         self.emulated_coop = !self
             .features()
@@ -228,9 +231,13 @@ impl Gpu {
     pub fn limits(&self) -> wgpu::Limits {
         let mut limits = self.device.limits();
         if self.emulated_coop {
-            // the emulation's scratch for the largest tensor-core workgroup (128 invocations)
+            // Room for the emulation's scratch in workgroups of up to 128 invocations, which are
+            // all the emulated device offers (128-row tensor-core tiles are left out).
             limits.max_compute_workgroup_storage_size -=
-                (128 * crate::coop_emulation::SCRATCH_BYTES_PER_INVOCATION) as u32;
+                (EMULATED_INVOCATIONS * crate::coop_emulation::SCRATCH_BYTES_PER_INVOCATION) as u32;
+            limits.max_compute_invocations_per_workgroup = limits
+                .max_compute_invocations_per_workgroup
+                .min(EMULATED_INVOCATIONS as u32);
         }
         limits
     }

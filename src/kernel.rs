@@ -579,10 +579,12 @@ const PORTABLE: [(usize, usize, usize, usize); 8] = [
     (8, 32, 8, 8),
 ];
 
-/// Tensor-core tile shapes (rows, cols), fastest first. The kernel walks 32 keys at a time:
-/// with its three K/V buffers, 64-key tiles do not fit 48 KiB of workgroup memory at d = 64,
-/// and they measured slower with its earlier single-buffer form (see BENCHMARKS.md).
-const TENSOR_CORE: [(usize, usize); 3] = [(64, 32), (32, 32), (16, 32)];
+/// Tensor-core tile shapes (rows, cols), fastest first for plans without a mask (masked plans
+/// take the cost model's choice). The kernel walks 32 keys at a time: with its three K/V
+/// buffers, 64-key tiles do not fit 48 KiB of workgroup memory at d = 64, and they measured
+/// slower with its earlier single-buffer form (see BENCHMARKS.md). 128-row tiles share each K/V
+/// tile among eight subgroups; they fit 48 KiB up to d = 64 (output staged in 32-column chunks).
+const TENSOR_CORE: [(usize, usize); 4] = [(64, 32), (128, 32), (32, 32), (16, 32)];
 /// Most head-dim blocks of 16 the tensor-core kernel holds in registers (its DT_CAP).
 const TENSOR_CORE_DT_CAP: usize = 8;
 /// Most vec4 of a K or V tile per thread for which the tensor-core kernels fetch a tile ahead
@@ -604,10 +606,11 @@ impl KernelConfig {
             Tier::PortableF32 | Tier::PortableF16 | Tier::PortableBf16 => {
                 4 * (br * d + bc * (dc + 4) + br * bc + 2 * br * self.tx) + WALK_BYTES
             }
-            // kv_sh (three f16 tiles of bc rows padded by 8); p_sh (f16, rows padded by 8);
-            // f_sh (f32, rows of max(bc, dc) + 4); red (2 br + 4 f32); walk
+            // kv_sh (three f16 tiles of bc rows padded by 8, at least br rows: Q passes through
+            // it); p_sh (f16, rows padded by 8); f_sh (f32, rows of max(bc, dc) + 4); red
+            // (2 br + 4 f32); walk
             Tier::TensorCore => {
-                2 * 3 * bc * (d + 8)
+                2 * (3 * bc).max(br) * (d + 8)
                     + 2 * br * (bc + 8)
                     + 4 * br * (bc.max(dc) + 4)
                     + 4 * (2 * br + 4)
@@ -619,6 +622,14 @@ impl KernelConfig {
     /// Invocations per workgroup.
     pub fn threads(&self) -> usize {
         self.tx * self.ty
+    }
+
+    /// Whether the backward kernels take this configuration's tiles. The tensor-core backward
+    /// takes query tiles of at most twice the keys of a tile (its dQ pass stages a tile's Q and
+    /// dO in the K/V buffers); a plan of taller tiles runs its backward through a plan of the
+    /// same mask at 64x32 tiles.
+    pub fn backward_takes_tiles(&self) -> bool {
+        self.tier != Tier::TensorCore || self.tile_rows <= 2 * self.tile_cols
     }
 
     /// Whether the tensor-core kernel fetches the next K and V tile into registers a tile
@@ -648,7 +659,7 @@ impl KernelConfig {
                 && bc.is_multiple_of(32)
                 && bc / 2 <= HALF_CAP
                 && bc <= 64
-                && br <= 3 * bc
+                && br <= 4 * bc
                 && d.is_multiple_of(16)
                 && d / 16 <= TENSOR_CORE_DT_CAP
                 && (dc == d || dc == bc)

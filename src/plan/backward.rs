@@ -14,7 +14,7 @@
 
 use wgpu::util::DeviceExt;
 
-use super::{check_buffers, check_timestamps, split_rows, walk_tables, Chunk, Plan};
+use super::{check_buffers, check_timestamps, split_rows, walk_tables, Chunk, Plan, PlanOptions};
 use crate::error::{Error, Result};
 use crate::kernel::{
     backward_layout, BackwardLayout, BackwardPass, BackwardVariant, DType, Path,
@@ -53,6 +53,38 @@ pub struct BackwardTensors<'a> {
 /// dK, dV): the most of the three passes, and the WebGPU baseline.
 const STORAGE_BUFFERS: u32 = 8;
 
+/// How a plan runs its backward pass, built on its first call.
+pub(super) enum BackwardState {
+    /// Its own kernels and buffers.
+    Own(Backward),
+    /// Through a plan of the same mask at 64x32 tiles, for tiles the backward kernels do not
+    /// take (see [`crate::KernelConfig::backward_takes_tiles`]).
+    Via(Box<Plan>),
+}
+
+impl BackwardState {
+    /// One line for [`Plan::describe`].
+    pub(super) fn describe(&self) -> String {
+        match self {
+            BackwardState::Own(b) => b.describe(),
+            BackwardState::Via(p) => {
+                let own = p
+                    .backward
+                    .get()
+                    .map(BackwardState::describe)
+                    .unwrap_or_default();
+                format!(
+                    "backward through a {} plan at {}x{} tiles: {}",
+                    p.path,
+                    p.config.tile_rows,
+                    p.config.tile_cols,
+                    own.trim_start_matches("backward: ")
+                )
+            }
+        }
+    }
+}
+
 /// The backward state of a plan: one part per forward chunk, and the layouts of the dK/dV and
 /// dQ passes.
 pub(super) struct Backward {
@@ -74,7 +106,7 @@ struct BackwardChunk {
 
 impl Backward {
     /// One line for [`Plan::describe`]: which kernels the two walking passes run.
-    pub(super) fn describe(&self) -> String {
+    fn describe(&self) -> String {
         let pass = |l: &BackwardLayout| {
             if l.tensor_cores {
                 format!(
@@ -104,7 +136,7 @@ impl Backward {
 
 impl Plan {
     /// The backward state, built on first use.
-    fn backward_state(&self) -> Result<&Backward> {
+    fn backward_state(&self) -> Result<&BackwardState> {
         if let Some(b) = self.backward.get() {
             return Ok(b);
         }
@@ -114,7 +146,7 @@ impl Plan {
         Ok(self.backward.get().expect("just set"))
     }
 
-    fn build_backward(&self) -> Result<Backward> {
+    fn build_backward(&self) -> Result<BackwardState> {
         if !self.write_lse {
             return Err(Error::InvalidArgument {
                 what: "plan",
@@ -123,6 +155,34 @@ impl Plan {
                     .into(),
             });
         }
+        let c = self.config;
+        if !c.backward_takes_tiles() {
+            // The mask back from the block mask, in the caller's token order.
+            let mask = match &self.block_mask {
+                Some(bm) if self.perm.is_empty() => Some(bm.to_mask()?),
+                Some(bm) => {
+                    let mut inverse = vec![0u32; self.perm.len()];
+                    for (i, &p) in self.perm.iter().enumerate() {
+                        inverse[p as usize] = i as u32;
+                    }
+                    Some(bm.to_mask()?.permuted(&inverse)?)
+                }
+                None => None,
+            };
+            let options = PlanOptions {
+                scale: Some(self.scale),
+                tile: Some((64, 32)),
+                dtype: self.dtype(),
+                tier: Some(c.tier),
+                ..PlanOptions::default()
+            };
+            let plan = Plan::new(&self.gpu, self.shape, mask.as_ref(), options)?;
+            return Ok(BackwardState::Via(Box::new(plan)));
+        }
+        self.build_own().map(BackwardState::Own)
+    }
+
+    fn build_own(&self) -> Result<Backward> {
         let limits = self.gpu.limits();
         if limits.max_storage_buffers_per_shader_stage < STORAGE_BUFFERS {
             return Err(Error::TierUnavailable(format!(
@@ -320,7 +380,10 @@ impl Plan {
         t: &BackwardTensors,
         timestamps: Option<(&wgpu::QuerySet, u32)>,
     ) -> Result<()> {
-        let state = self.backward_state()?;
+        let state = match self.backward_state()? {
+            BackwardState::Own(b) => b,
+            BackwardState::Via(p) => return p.encode_backward_timed(encoder, t, timestamps),
+        };
         self.check_single_chunk()?;
         let s = &self.shape;
         let e = self.dtype();
@@ -477,7 +540,12 @@ impl Plan {
                 });
             }
         }
-        let state = self.backward_state()?;
+        let state = match self.backward_state()? {
+            BackwardState::Own(b) => b,
+            BackwardState::Via(p) => {
+                return Box::pin(p.backward_async(q, k, v, o, lse, d_o)).await;
+            }
+        };
         let d = s.head_dim;
         let g = s.group();
         let mut grads = Gradients {

@@ -9,13 +9,15 @@
 //! to the storage type). GPU outputs are
 //! poisoned with NaN before every run, so an element the kernels never write fails the check.
 
+use std::io::Write;
+
 use blockflash::kernel::DType;
 use blockflash::shape::HEAD_DIMS;
 use blockflash::suite::{family_mask, FAMILIES};
 use blockflash::timing::{median_fwd_bwd_ms, Clock, Resident};
 use blockflash::{
-    reference, BackwardTensors, Error, Gpu, Gradients, Mask, Path, Plan, PlanOptions, Reorder,
-    Shape, Tier,
+    reference, BackwardTensors, Error, Gpu, Gradients, KernelConfig, Mask, Path, Plan, PlanOptions,
+    Reorder, Shape, Tier,
 };
 use wgpu::util::DeviceExt;
 
@@ -602,11 +604,55 @@ fn tensor_core_gradients_match_reference_on_every_family_path_and_shape() {
         Some(&mask),
         tc(None, None),
     );
+    // (directly, or through a 64x32 plan where the device picks 128-row tiles)
     let described = plan.describe();
     assert!(
-        described.contains("backward: dK/dV tensor cores") && described.contains("dQ tensor cores"),
+        described.contains("dK/dV tensor cores") && described.contains("dQ tensor cores"),
         "{described}"
     );
+    // 128-row tiles (where the device has them) run their backward through a 64x32 plan of
+    // the mask rebuilt from the block mask, in the caller's token order also when reordered.
+    let tall = KernelConfig::candidates(&g.limits(), Tier::TensorCore, 64)
+        .into_iter()
+        .find(|c| !c.backward_takes_tiles());
+    match tall {
+        None => {
+            let name = &g.adapter_info().name;
+            writeln!(
+                std::io::stderr(),
+                "SKIPPED tensor-core gradients of 128-row plans on {name}: no such tile fits"
+            )
+            .ok();
+        }
+        Some(c) => {
+            let tile = Some((c.tile_rows, c.tile_cols));
+            let shape = Shape {
+                batch: 2,
+                heads: 4,
+                kv_heads: 2,
+                seq_q: 300,
+                seq_k: 300,
+                head_dim: 64,
+            };
+            for name in ["causal", "documents", "tree"] {
+                let mask = family_mask(name, 300, rng.next_u64()).unwrap();
+                let what = format!("tensor cores {name} {tile:?}");
+                let plan =
+                    check_backward_on(g, &what, &mut rng, shape, Some(&mask), tc(None, tile));
+                let described = plan.describe();
+                assert!(described.contains("backward through a"), "{described}");
+            }
+            let band = shuffled_band(&mut rng, 256, 20);
+            let opts = PlanOptions {
+                reorder: Reorder::On,
+                ..tc(Some(Path::Sparse), tile)
+            };
+            let shape = Shape::new(1, 2, 256, 64);
+            let what = format!("tensor cores reordered {tile:?}");
+            let plan = check_backward_on(g, &what, &mut rng, shape, Some(&band), opts);
+            assert!(plan.describe().contains("reordered"), "{}", plan.describe());
+        }
+    }
     // Head dims and tile shapes the plan picks, Nq != Nk (decoding-style causal: with Nq > Nk
     // the first rows see no key), batch 2, and no mask.
     for d in head_dims_with_tiles(g, Tier::TensorCore, "tensor-core gradients") {

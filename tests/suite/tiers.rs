@@ -7,7 +7,7 @@ use std::io::Write;
 
 use blockflash::kernel::DType;
 use blockflash::suite::{family_mask, FAMILIES};
-use blockflash::{Error, Mask, Path, Plan, PlanOptions, Reorder, Shape, Tier};
+use blockflash::{Error, KernelConfig, Mask, Path, Plan, PlanOptions, Reorder, Shape, Tier};
 
 use blockflash::Gpu;
 
@@ -37,6 +37,8 @@ fn opts(tier: Tier, path: Option<Path>) -> PlanOptions {
     }
 }
 
+/// Every family on every path; for the tensor-core tier at each of its tile shapes that the
+/// device runs (their kernels differ in subgroups per workgroup and in workgroup memory).
 fn every_path_on_every_family(g: &Gpu, tier: Tier) {
     let mut rng = Rng::fresh(&format!("{tier} families"));
     let seq = 200;
@@ -48,25 +50,47 @@ fn every_path_on_every_family(g: &Gpu, tier: Tier) {
         seq_k: seq,
         head_dim: 64,
     };
-    for name in FAMILIES {
-        let mask = family_mask(name, seq, rng.next_u64()).unwrap();
-        for path in [Path::Dense, Path::RunLength, Path::Sparse] {
-            match Plan::new(g, shape, Some(&mask), opts(tier, Some(path))) {
-                Err(Error::PathNotEligible(_)) => continue,
-                Err(e) => panic!("{name} {path}: {e}"),
-                Ok(_) => {}
+    let tiles: Vec<Option<(usize, usize)>> = if tier == Tier::TensorCore {
+        let all = KernelConfig::candidates(&g.limits(), tier, shape.head_dim);
+        writeln!(
+            std::io::stderr(),
+            "{tier} families at tiles {:?}",
+            all.iter()
+                .map(|c| (c.tile_rows, c.tile_cols))
+                .collect::<Vec<_>>()
+        )
+        .ok();
+        all.iter()
+            .map(|c| Some((c.tile_rows, c.tile_cols)))
+            .collect()
+    } else {
+        vec![None]
+    };
+    for tile in tiles {
+        let opts = |path| PlanOptions {
+            tile,
+            ..opts(tier, path)
+        };
+        for name in FAMILIES {
+            let mask = family_mask(name, seq, rng.next_u64()).unwrap();
+            for path in [Path::Dense, Path::RunLength, Path::Sparse] {
+                match Plan::new(g, shape, Some(&mask), opts(Some(path))) {
+                    Err(Error::PathNotEligible(_)) => continue,
+                    Err(e) => panic!("{name} {path} {tile:?}: {e}"),
+                    Ok(_) => {}
+                }
+                check_case_on(
+                    g,
+                    &format!("{name} {path} {tile:?}"),
+                    &mut rng,
+                    shape,
+                    Some(&mask),
+                    opts(Some(path)),
+                );
             }
-            check_case_on(
-                g,
-                &format!("{name} {path}"),
-                &mut rng,
-                shape,
-                Some(&mask),
-                opts(tier, Some(path)),
-            );
         }
+        check_case_on(g, "no mask", &mut rng, shape, None, opts(None));
     }
-    check_case_on(g, "no mask", &mut rng, shape, None, opts(tier, None));
 }
 
 fn shapes_head_dims_and_splits(g: &Gpu, tier: Tier) {
