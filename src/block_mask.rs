@@ -819,7 +819,6 @@ impl BlockMask {
         }
     }
 
-    /// Row `r`'s range in `cols` split at its first partial entry: `(start, mid, end)`.
     /// The mask this block mask describes (per batch element when it has several): full tiles
     /// allow every pair, empty ones none, partial ones their bits. Used to rebuild the mask at
     /// another tile shape.
@@ -858,6 +857,7 @@ impl BlockMask {
         }
     }
 
+    /// Row `r`'s range in `cols` split at its first partial entry: `(start, mid, end)`.
     fn row_bounds(&self, r: usize) -> (usize, usize, usize) {
         let start = self.row_ptr[r] as usize;
         (
