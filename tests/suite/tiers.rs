@@ -123,6 +123,31 @@ fn shapes_head_dims_and_splits(g: &Gpu, tier: Tier) {
                 opts(tier, None),
             );
         }
+        // Every tile shape of the tier at this head dim (the plan picks one of them above).
+        let shape = Shape {
+            batch: 1,
+            heads: 4,
+            kv_heads: 2,
+            seq_q: 200,
+            seq_k: 257,
+            head_dim: d,
+        };
+        let mask = Mask::causal(200, 257).unwrap();
+        for c in KernelConfig::candidates(&g.limits(), tier, d) {
+            let tile = Some((c.tile_rows, c.tile_cols));
+            let forced = PlanOptions {
+                tile,
+                ..opts(tier, None)
+            };
+            check_case_on(
+                g,
+                &format!("d={d} {tile:?}"),
+                &mut rng,
+                shape,
+                Some(&mask),
+                forced,
+            );
+        }
     }
     let seq = 300;
     let shape = Shape::new(2, 2, seq, 64);
