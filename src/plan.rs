@@ -154,35 +154,38 @@ pub struct Plan {
 }
 
 /// What the cost model charges a kernel configuration: one work item (a query tile's Q load,
-/// output write and the wait for its first K/V tile), one key tile of the dense walk, one of the
-/// run-length and sparse walks, and the extra of applying mask bits to a tile.
+/// output write and the wait for its first K/V tile), one key tile of the dense walk, a full and
+/// a partial key tile of the run-length and sparse walks, and the extra of mask bits on every
+/// tile of the dense walk.
 struct Costs {
     item: f64,
     dense: f64,
-    run_length: f64,
-    sparse: f64,
+    run_length: (f64, f64),
+    sparse: (f64, f64),
     mask: f64,
 }
 
 /// The tensor-core kernel at d = 64 in nanoseconds of the whole H200 (132 SMs), by tile rows:
-/// (rows, work item, dense tile, tile of the sparse walk). A work item is a query tile's Q,
-/// first K/V tile and output. Fitted on 2026-12-01 to the dense plan and the masked plans of
-/// every family at each tile shape, `bench --seq 16384 --batch 4 --heads 32 --head-dim 64
-/// --tile Rx32` (BENCHMARKS.md): more rows per workgroup share each K/V tile load and keep more
-/// warps busy, so a 64x32 tile costs less than a 32x32 one, not twice as much (at d = 128 the
-/// gap is wider still); 128-row tiles cost 1.6x a 64-row one per tile but 2.5x per work item,
-/// so they pay where query tiles walk many key tiles.
-const TENSOR_CORE_NS: [(usize, f64, f64, f64); 4] = [
-    (128, 125.0, 19.7, 18.5),
-    (64, 50.0, 8.8, 11.5),
-    (32, 52.0, 12.3, 15.1),
-    (16, 52.0, 20.7, 24.5),
+/// (rows, work item, dense tile, full and partial tile of the sparse walk). A work item is a
+/// query tile's Q, first K/V tile and output. Fitted on 2026-12-01 (least squares on relative
+/// error) to the masked plans of every family and of block-diagonal masks at each tile shape,
+/// `bench --seq 16384 --batch 4 --heads 32 --head-dim 64 --tile Rx32` (BENCHMARKS.md; the 32-
+/// and 16-row shapes from fewer masks, one tile cost for both kinds): more rows per workgroup
+/// share each K/V tile load and keep more warps busy, so a 64x32 tile costs less than a 32x32
+/// one, not twice as much (at d = 128 the gap is wider still); 128-row tiles cost 1.7x a
+/// 64-row one per tile and 1.85x per work item, so they pay where query tiles walk many key
+/// tiles.
+const TENSOR_CORE_NS: [(usize, f64, f64, f64, f64); 4] = [
+    (128, 92.3, 19.7, 19.05, 22.46),
+    (64, 49.9, 8.8, 11.24, 12.58),
+    (32, 52.0, 12.3, 15.1, 15.1),
+    (16, 52.0, 20.7, 24.5, 24.5),
 ];
 
 fn costs(c: &KernelConfig) -> Costs {
     let (br, bc, d) = (c.tile_rows as f64, c.tile_cols as f64, c.head_dim as f64);
     if c.tier == Tier::TensorCore {
-        let (_, item, dense, sparse) = TENSOR_CORE_NS
+        let (_, item, dense, full, partial) = TENSOR_CORE_NS
             .iter()
             .copied()
             .find(|&(rows, ..)| rows == c.tile_rows)
@@ -191,13 +194,14 @@ fn costs(c: &KernelConfig) -> Costs {
         // ahead wait for global memory every tile: 4x to 7x slower per tile on the H200
         // (BENCHMARKS.md, 2026-11-30).
         let scale = d / 64.0 * if c.prefetch() { 1.0 } else { 4.0 };
+        let walk = (full * scale, partial * scale);
         return Costs {
             item: item * d / 64.0,
             dense: dense * scale,
             // The run-length walk measured 1.6x the sparse walk's time per tile on the H100
             // (a full mask at N = 16384: 496 against 316 ms, BENCHMARKS.md).
-            run_length: 1.6 * sparse * scale,
-            sparse: sparse * scale,
+            run_length: (1.6 * walk.0, 1.6 * walk.1),
+            sparse: walk,
             // Mask bits on every tile of the dense path: causal at 64x32 took 241 ms there
             // against 147 ms unmasked.
             mask: 0.6 * dense * scale,
@@ -206,12 +210,13 @@ fn costs(c: &KernelConfig) -> Costs {
     // Portable tiers, in arbitrary units: the multiply-adds, the K/V loads that the tile's rows
     // share, and a fixed cost of barriers and loop overhead; the sparse walk reads its list.
     let tile = br * bc * d + 8.0 * bc * d + 4096.0;
+    let mask = br * bc * 4.0;
     Costs {
         item: 0.0,
         dense: tile,
-        run_length: tile,
-        sparse: tile + 64.0,
-        mask: br * bc * 4.0,
+        run_length: (tile, tile + mask),
+        sparse: (tile + 64.0, tile + 64.0 + mask),
+        mask,
     }
 }
 
@@ -249,14 +254,11 @@ fn choose(
         } else {
             items + tiles * (c.dense + c.mask)
         };
-        let active = bm.active_tiles() as f64;
-        let partial = bm.partial_tiles() as f64 * c.mask;
-        let mut options = vec![
-            (Path::Dense, dense_cost),
-            (Path::Sparse, items + active * c.sparse + partial),
-        ];
+        let (full, partial) = (bm.full_tiles() as f64, bm.partial_tiles() as f64);
+        let walk = |(f, p): (f64, f64)| items + full * f + partial * p;
+        let mut options = vec![(Path::Dense, dense_cost), (Path::Sparse, walk(c.sparse))];
         if bm.runs().is_some() {
-            options.push((Path::RunLength, items + active * c.run_length + partial));
+            options.push((Path::RunLength, walk(c.run_length)));
         }
         if let Some(p) = forced_path {
             if p == Path::RunLength && bm.runs().is_none() {
