@@ -204,7 +204,7 @@ impl Gpu {
     /// then run, and can be checked against the reference, on any device with `SHADER_F16`
     /// (lavapipe included), far slower than either real tier. The emulation's products go
     /// through workgroup memory, so [`Gpu::limits`] reports 8 KiB less of it and at most 128
-    /// invocations per workgroup (no 128-row tensor-core tiles).
+    /// invocations per workgroup, for every tier (no 128-row tensor-core tiles).
     pub fn with_tensor_core_emulation(mut self) -> Gpu {
         self.emulated_coop = !self
             .features()

@@ -624,10 +624,11 @@ impl KernelConfig {
         self.tx * self.ty
     }
 
-    /// Whether the backward kernels take this configuration's tiles. The tensor-core backward
-    /// takes query tiles of at most twice the keys of a tile (its dQ pass stages a tile's Q and
-    /// dO in the K/V buffers); a plan of taller tiles runs its backward through a plan of the
-    /// same mask at 64x32 tiles.
+    /// Whether a plan of this configuration runs the backward kernels at its own tiles. The
+    /// tensor-core backward takes query tiles of at most twice the keys of a tile (its dQ pass
+    /// stages a tile's Q and dO in the K/V buffers); taller tiles would get the portable
+    /// backward kernels (no tensor cores), so a plan of them runs its backward through a plan
+    /// of the same mask at 64x32 tiles.
     pub fn backward_takes_tiles(&self) -> bool {
         self.tier != Tier::TensorCore || self.tile_rows <= 2 * self.tile_cols
     }

@@ -389,6 +389,25 @@ impl Mask {
         })
     }
 
+    /// The inverse of [`Mask::permuted`]: the mask whose `permuted(perm)` is this one (new
+    /// `(perm[i], perm[j])` = old `(i, j)`).
+    pub(crate) fn unpermuted(&self, perm: &[u32]) -> Result<Mask> {
+        let mut inverse = vec![u32::MAX; perm.len()];
+        for (i, &p) in perm.iter().enumerate() {
+            match inverse.get_mut(p as usize) {
+                Some(slot) => *slot = i as u32,
+                None => {
+                    return Err(Error::InvalidArgument {
+                        what: "permutation",
+                        why: format!("entry {i} = {p} is out of range"),
+                    })
+                }
+            }
+        }
+        // A repeated entry leaves u32::MAX behind, which `permuted` refuses.
+        self.permuted(&inverse)
+    }
+
     /// The mask where every query sees every key.
     pub fn full(seq_q: usize, seq_k: usize) -> Result<Mask> {
         MaskSpec::Full { seq_q, seq_k }.mask()
@@ -1327,4 +1346,30 @@ fn tree_bits(prefix_len: usize, parents: &[Option<usize>], depth: &[u32]) -> Mas
         bits[row + k / 32] |= 1 << (k % 32);
     }
     Mask::shared(n, n, bits)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `unpermuted` undoes `permuted`, and refuses what is not a permutation.
+    #[test]
+    fn unpermuted_undoes_permuted() {
+        let n = 70;
+        let mask = Mask::from_fn(n, n, |q, k| (q * 7 + k * 3) % 5 == 0 || q == k).unwrap();
+        let mut rng = SplitMix64::new(9);
+        let mut perm: Vec<u32> = (0..n as u32).collect();
+        for i in (1..n).rev() {
+            perm.swap(i, rng.below(i as u64 + 1) as usize);
+        }
+        let shuffled = mask.permuted(&perm).unwrap();
+        assert_ne!(shuffled, mask);
+        assert_eq!(shuffled.unpermuted(&perm).unwrap(), mask);
+        let mut repeated = perm.clone();
+        repeated[1] = repeated[0];
+        assert!(shuffled.unpermuted(&repeated).is_err());
+        let mut out_of_range = perm;
+        out_of_range[3] = n as u32;
+        assert!(shuffled.unpermuted(&out_of_range).is_err());
+    }
 }

@@ -14,7 +14,9 @@
 
 use wgpu::util::DeviceExt;
 
-use super::{check_buffers, check_timestamps, split_rows, walk_tables, Chunk, Plan, PlanOptions};
+use super::{
+    check_buffers, check_timestamps, split_rows, walk_tables, Chunk, Plan, PlanOptions, Reorder,
+};
 use crate::error::{Error, Result};
 use crate::kernel::{
     backward_layout, BackwardLayout, BackwardPass, BackwardVariant, DType, Path,
@@ -57,8 +59,8 @@ const STORAGE_BUFFERS: u32 = 8;
 pub(super) enum BackwardState {
     /// Its own kernels and buffers.
     Own(Backward),
-    /// Through a plan of the same mask at 64x32 tiles, for tiles the backward kernels do not
-    /// take (see [`crate::KernelConfig::backward_takes_tiles`]).
+    /// Through a plan of the same mask at 64x32 tiles (see
+    /// [`crate::KernelConfig::backward_takes_tiles`]).
     Via(Box<Plan>),
 }
 
@@ -68,17 +70,17 @@ impl BackwardState {
         match self {
             BackwardState::Own(b) => b.describe(),
             BackwardState::Via(p) => {
-                let own = p
-                    .backward
-                    .get()
-                    .map(BackwardState::describe)
-                    .unwrap_or_default();
+                let kernels = match p.backward.get() {
+                    Some(BackwardState::Own(b)) => b.describe(),
+                    _ => "backward: not built\n".into(),
+                };
                 format!(
-                    "backward through a {} plan at {}x{} tiles: {}",
+                    "{} (through a {} plan at {}x{} tiles{})\n",
+                    kernels.trim_end(),
                     p.path,
                     p.config.tile_rows,
                     p.config.tile_cols,
-                    own.trim_start_matches("backward: ")
+                    if p.perm.is_empty() { "" } else { ", reordered" }
                 )
             }
         }
@@ -157,16 +159,11 @@ impl Plan {
         }
         let c = self.config;
         if !c.backward_takes_tiles() {
-            // The mask back from the block mask, in the caller's token order.
+            // The mask back from the block mask, in the caller's token order; the 64x32 plan
+            // reorders tokens when this one does.
             let mask = match &self.block_mask {
                 Some(bm) if self.perm.is_empty() => Some(bm.to_mask()?),
-                Some(bm) => {
-                    let mut inverse = vec![0u32; self.perm.len()];
-                    for (i, &p) in self.perm.iter().enumerate() {
-                        inverse[p as usize] = i as u32;
-                    }
-                    Some(bm.to_mask()?.permuted(&inverse)?)
-                }
+                Some(bm) => Some(bm.to_mask()?.unpermuted(&self.perm)?),
                 None => None,
             };
             let options = PlanOptions {
@@ -174,6 +171,12 @@ impl Plan {
                 tile: Some((64, 32)),
                 dtype: self.dtype(),
                 tier: Some(c.tier),
+                reorder: if self.perm.is_empty() {
+                    Reorder::Off
+                } else {
+                    Reorder::On
+                },
+                subgroup_reductions: Some(false),
                 ..PlanOptions::default()
             };
             let plan = Plan::new(&self.gpu, self.shape, mask.as_ref(), options)?;
