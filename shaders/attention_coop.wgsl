@@ -45,7 +45,7 @@ const HALF_CAP: u32 = 32u;     // max BC / 2
 const KV_CAP: u32 = 8u;        // max BC * D / 4 / THREADS with PREFETCH
 const RESCALE_GAP: f32 = 8.0;
 
-@group(0) @binding(1) var<storage, read> q_buf: array<f16>;
+@group(0) @binding(1) var<storage, read> q_buf: array<vec4<f16>>;
 @group(0) @binding(2) var<storage, read> k_buf: array<vec4<f16>>;
 @group(0) @binding(3) var<storage, read> v_buf: array<vec4<f16>>;
 @group(0) @binding(7) var<storage, read> bits_buf: array<u32>;
@@ -139,13 +139,13 @@ fn main(
         fetch(&vr, true, kv_head, key0, lid);
     }
     let q_head = (it.b * P.heads + it.h) * P.seq_q * D;
-    for (var e = lid; e < BR * D; e += THREADS) {
-        let row = e / D;
-        var val = f16(0.0);
+    for (var e = lid; e < BR * (D / 4u); e += THREADS) {
+        let row = e / (D / 4u);
+        var val = vec4<f16>(0.0);
         if (q0 + row < P.seq_q) {
-            val = q_buf[q_head + token(q0 + row) * D + e % D];
+            val = q_buf[(q_head + token(q0 + row) * D) / 4u + e % (D / 4u)];
         }
-        kv_sh[row * (D + 8u) + e % D] = val;
+        put4(val, 0u, e);
     }
     if (lid == 0u) {
         red[2u * BR] = 0.0;
