@@ -152,7 +152,8 @@ impl Gpu {
     /// cooperative-matrix configurations the adapter reports (empty if none or unknown).
     /// Kernels use only features and limits that `device` was created with; `info` must be the
     /// adapter's own, since its subgroup sizes decide which row reductions run (a size larger
-    /// than the device's gives wrong results). blockflash installs the device's lost callback
+    /// than the device's gives wrong results) and whether the tensor-core tier runs (subgroups
+    /// of exactly 32 invocations). blockflash installs the device's lost callback
     /// and uncaptured-error handler, and reports what they catch from its next call.
     pub fn from_device(
         device: wgpu::Device,
@@ -282,14 +283,22 @@ impl Gpu {
                                 && c.ab_type == wgpu::CooperativeScalarType::F16
                                 && c.cr_type == wgpu::CooperativeScalarType::F32
                         }));
-                if has {
-                    Ok(())
-                } else {
+                // The kernels give each 16x16 fragment to a subgroup of invocations 32 w ..
+                // 32 w + 31; subgroups of any other size would mix rows of different fragments.
+                let (min, max) = (self.info.subgroup_min_size, self.info.subgroup_max_size);
+                if !has {
                     Err(Error::TierUnavailable(
                         "tensor-core-f16 needs cooperative matrices 16x16x16 with f16 operands \
                          and f32 accumulators, which this adapter does not report"
                             .into(),
                     ))
+                } else if !self.emulated_coop && (min, max) != (32, 32) {
+                    Err(Error::TierUnavailable(format!(
+                        "tensor-core-f16 needs subgroups of exactly 32 invocations; this \
+                         adapter's are {min}..{max}"
+                    )))
+                } else {
+                    Ok(())
                 }
             }
         }

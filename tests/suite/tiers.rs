@@ -364,3 +364,57 @@ fn tier_choice_follows_dtype_and_refuses_mismatches() {
         ));
     }
 }
+
+#[test]
+fn tensor_cores_need_the_configuration_and_subgroups_of_32() {
+    // A fresh device (the shared one keeps its handlers), described with what the test sets:
+    // the tier trusts the adapter's word on configurations and subgroup sizes.
+    let adapter = pollster::block_on(
+        wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env())
+            .request_adapter(&Default::default()),
+    )
+    .expect("tests need a GPU adapter");
+    let f16 = adapter.features() & wgpu::Features::SHADER_F16;
+    let config = wgpu::CooperativeMatrixProperties {
+        m_size: 16,
+        n_size: 16,
+        k_size: 16,
+        ab_type: wgpu::CooperativeScalarType::F16,
+        cr_type: wgpu::CooperativeScalarType::F32,
+        saturating_accumulation: false,
+    };
+    for (sizes, configs, runs) in [
+        ((32, 32), vec![config], true),
+        ((8, 8), vec![config], false),
+        ((32, 64), vec![config], false),
+        ((32, 32), vec![], false),
+    ] {
+        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            required_features: f16,
+            ..Default::default()
+        }))
+        .expect("device");
+        let mut info = adapter.get_info();
+        (info.subgroup_min_size, info.subgroup_max_size) = sizes;
+        let gpu = Gpu::from_device(device, queue, info, configs.clone());
+        let got = gpu.supports(Tier::TensorCore);
+        if f16.is_empty() {
+            println!("SKIPPED subgroup sizes {sizes:?}: the adapter lacks SHADER_F16");
+            assert!(got.is_err());
+            continue;
+        }
+        match got {
+            Ok(()) => assert!(runs, "{sizes:?} {configs:?}"),
+            Err(Error::TierUnavailable(why)) => {
+                assert!(!runs, "{sizes:?}: {why}");
+                let expected = if configs.is_empty() {
+                    "16x16x16"
+                } else {
+                    "exactly 32"
+                };
+                assert!(why.contains(expected), "{why}");
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
