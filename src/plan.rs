@@ -167,17 +167,18 @@ struct Costs {
 
 /// The tensor-core kernel at d = 64 in nanoseconds of the whole H200 (132 SMs), by tile rows:
 /// (rows, work item, dense tile, full and partial tile of the sparse walk). A work item is a
-/// query tile's Q, first K/V tile and output. Fitted on 2026-12-01 (least squares on relative
-/// error) to the masked plans of every family and of block-diagonal masks at each tile shape,
-/// `bench --seq 16384 --batch 4 --heads 32 --head-dim 64 --tile Rx32` (BENCHMARKS.md; the 32-
-/// and 16-row shapes from fewer masks, one tile cost for both kinds): more rows per workgroup
-/// share each K/V tile load and keep more warps busy, so a 64x32 tile costs less than a 32x32
-/// one, not twice as much (at d = 128 the gap is wider still); 128-row tiles cost 1.7x a
-/// 64-row one per tile and 1.85x per work item, so they pay where query tiles walk many key
-/// tiles.
+/// query tile's Q, first K/V tile and output. The 64- and 128-row shapes were fitted on
+/// 2026-12-01 (least squares on relative error, every row within ±12%) to the sparse plans of
+/// every family and of block-diagonal masks, `bench --path sparse --seq 16384 --batch 4
+/// --heads 32 --head-dim 64 --tile Rx32`, after Q came to be read in vec4 loads (BENCHMARKS.md);
+/// the 32- and 16-row shapes earlier, from fewer masks, one tile cost for both kinds, with the
+/// Q load of one f16 per thread and step. More rows per workgroup share each K/V tile load and
+/// keep more warps busy, so a 64x32 tile costs less than a 32x32 one, not twice as much (at
+/// d = 128 the gap is wider still); 128-row tiles cost 1.7x a 64-row one per tile and 2.2x per
+/// work item, so they pay where query tiles walk many key tiles.
 const TENSOR_CORE_NS: [(usize, f64, f64, f64, f64); 4] = [
-    (128, 92.3, 19.7, 19.05, 22.46),
-    (64, 49.9, 8.8, 11.24, 12.58),
+    (128, 78.8, 19.7, 19.06, 22.30),
+    (64, 36.2, 8.7, 11.32, 12.52),
     (32, 52.0, 12.3, 15.1, 15.1),
     (16, 52.0, 20.7, 24.5, 24.5),
 ];
@@ -576,7 +577,8 @@ impl Plan {
         )?;
         let mut chunks = Vec::with_capacity(chunk_dims.len());
         for (b0, nb, hk0, nhk) in chunk_dims {
-            // Work items, heaviest first, heavy query tiles split over several workgroups.
+            // Work items, heavy query tiles split over several workgroups, heaviest and lightest
+            // alternating.
             let mut rows = Vec::new();
             let batches = if per_batch { nb } else { 1 };
             for bl in 0..batches {
@@ -589,12 +591,13 @@ impl Plan {
             let z = if per_batch { 1 } else { nb };
             let part_bytes =
                 (z * nhk * shape.group() * config.tile_rows * (shape.head_dim + 1) * 4) as u64;
-            let work = split_rows(
+            let mut work = split_rows(
                 &rows,
                 options.max_tiles_per_workgroup,
                 part_bytes,
                 binding_limit,
             );
+            work.items = heavy_and_light_alternating(work.items);
             let max_dim = limits.max_compute_workgroups_per_dimension as usize;
             if work.items.len() > max_dim {
                 return Err(Error::TooLarge {
@@ -824,7 +827,7 @@ impl Plan {
         }
         let _ = writeln!(
             d,
-            "work order: heaviest query tiles first; {} dispatch(es)",
+            "work order: heaviest and lightest query tiles alternating; {} dispatch(es)",
             self.chunks.len()
         );
         let (merges, slots) = self
@@ -1224,6 +1227,17 @@ fn split_rows(
     }
 }
 
+/// Items ordered heaviest first, reordered as the heaviest, the lightest, the second heaviest,
+/// the second lightest, ...: heavy and light items then run side by side on the GPU throughout.
+/// On the H200 (tensor-core tier, d = 64, N = 16384) this took 3% off causal and packed-document
+/// masks against heaviest first, the other families within 1% (BENCHMARKS.md).
+fn heavy_and_light_alternating<T: Copy>(items: Vec<T>) -> Vec<T> {
+    let n = items.len();
+    (0..n)
+        .map(|i| items[if i % 2 == 0 { i / 2 } else { n - 1 - i / 2 }])
+        .collect()
+}
+
 /// Most dispatches (each with its own index and scratch buffers) one plan splits its work into.
 const MAX_DISPATCHES: usize = 1 << 16;
 
@@ -1329,12 +1343,13 @@ mod tests {
             max_compute_workgroup_size_x: 1024,
             ..Default::default()
         };
-        // Documents ran 7.77 ms at 128x32 against 8.30 at 64x32: close enough for either.
+        // Documents ran 7.48 ms at 128x32 against 7.81 at 64x32 (7.58 with the alternating
+        // order), prefix-LM 7.97 against 8.55: close enough for either.
         let fastest: [(&str, &[usize]); 8] = [
             ("causal", &[128]),
             ("sliding-window", &[128]),
             ("documents", &[128, 64]),
-            ("prefix-lm", &[128]),
+            ("prefix-lm", &[128, 64]),
             ("longformer", &[64]),
             ("bigbird", &[64]),
             ("tree", &[64]),
@@ -1362,5 +1377,16 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn heavy_and_light_items_alternate_heaviest_first() {
+        let by_weight: Vec<u32> = (0..7).rev().collect();
+        assert_eq!(
+            heavy_and_light_alternating(by_weight),
+            [6, 0, 5, 1, 4, 2, 3]
+        );
+        assert_eq!(heavy_and_light_alternating(vec![9, 8]), [9, 8]);
+        assert!(heavy_and_light_alternating(Vec::<u32>::new()).is_empty());
     }
 }
