@@ -851,7 +851,9 @@ impl Plan {
     /// Encodes the attention into `encoder` over buffers the caller owns (GPU-resident form).
     ///
     /// Every buffer must hold at least the plan's shape, within one storage binding of the
-    /// adapter (the host form [`Plan::run`] splits larger problems).
+    /// adapter (the host form [`Plan::run`] splits larger problems), and belong to the plan's
+    /// device: buffers of another device or wgpu instance give [`Error::InvalidArgument`]
+    /// (natively; in the browser wgpu reports them from a later call).
     pub fn encode(&self, encoder: &mut wgpu::CommandEncoder, t: &Tensors) -> Result<()> {
         self.encode_timed(encoder, t, None)
     }
@@ -883,7 +885,9 @@ impl Plan {
             ],
         )?;
         check_timestamps(timestamps)?;
-        self.encode_chunk(encoder, &self.chunks[0], t, timestamps)
+        guard_caller_objects(&self.gpu, || {
+            self.encode_chunk(encoder, &self.chunks[0], t, timestamps)
+        })
     }
 
     /// Error unless the problem fits one dispatch over caller buffers (the GPU-resident forms
@@ -1142,6 +1146,45 @@ fn check_buffers(gpu: &Gpu, buffers: &[(&'static str, &wgpu::Buffer, u64, bool)]
         }
     }
     Ok(())
+}
+
+/// Runs `encode`, which binds the caller's buffers and query set, so that objects of another
+/// device or wgpu instance come back as an error of this call rather than of a later one:
+/// wgpu reports another device's buffer as a validation error (caught by an error scope
+/// here), and wgpu-core panics on a buffer of another instance (its ids are unknown to this
+/// one; the panic is caught here, after wgpu's panic hook has printed it). An encoder of
+/// another device shows up when it is finished or submitted, as wgpu reports it. In the
+/// browser, where error scopes resolve asynchronously and panics abort, `encode` runs as is.
+fn guard_caller_objects(gpu: &Gpu, encode: impl FnOnce() -> Result<()>) -> Result<()> {
+    #[cfg(target_arch = "wasm32")]
+    {
+        let _ = gpu;
+        encode()
+    }
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        let scope = gpu.device().push_error_scope(wgpu::ErrorFilter::Validation);
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(encode));
+        let refused = pollster::block_on(scope.pop());
+        let invalid = |why: String| Error::InvalidArgument {
+            what: "caller buffers or query set",
+            why,
+        };
+        match (result, refused) {
+            (Ok(r), None) => r,
+            (Ok(_), Some(e)) => Err(invalid(format!("wgpu refused them: {e}"))),
+            (Err(panic), _) => {
+                let message = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                Err(invalid(format!(
+                    "wgpu panicked on them ({message}): objects of another wgpu instance?"
+                )))
+            }
+        }
+    }
 }
 
 /// Error unless timestamps at `index` and `index + 1` fit the query set.

@@ -15,7 +15,8 @@
 use wgpu::util::DeviceExt;
 
 use super::{
-    check_buffers, check_timestamps, split_rows, walk_tables, Chunk, Plan, PlanOptions, Reorder,
+    check_buffers, check_timestamps, guard_caller_objects, split_rows, walk_tables, Chunk, Plan,
+    PlanOptions, Reorder,
 };
 use crate::error::{Error, Result};
 use crate::kernel::{
@@ -364,8 +365,9 @@ impl Plan {
     /// reorders tokens.
     ///
     /// Needs a plan that writes the log-sum-exp ([`Error::InvalidArgument`] otherwise), and,
-    /// like [`Plan::encode`], a problem within one storage binding. The first call builds the
-    /// backward buffers (the transposed block mask) and compiles the kernels.
+    /// like [`Plan::encode`], a problem within one storage binding and buffers of the plan's
+    /// device. The first call builds the backward buffers (the transposed block mask) and
+    /// compiles the kernels.
     pub fn encode_backward(
         &self,
         encoder: &mut wgpu::CommandEncoder,
@@ -406,7 +408,9 @@ impl Plan {
             ],
         )?;
         check_timestamps(timestamps)?;
-        self.encode_backward_chunk(encoder, state, 0, t, timestamps)
+        guard_caller_objects(&self.gpu, || {
+            self.encode_backward_chunk(encoder, state, 0, t, timestamps)
+        })
     }
 
     fn encode_backward_chunk(

@@ -363,6 +363,72 @@ fn bad_options_shapes_and_caller_buffers_give_typed_errors() {
 }
 
 #[test]
+fn buffers_of_another_device_or_wgpu_instance_give_typed_errors() {
+    // Two devices of one instance (wgpu: a validation error) and a device of another instance
+    // (wgpu-core: a panic on ids it does not know); the plan's device must stay usable.
+    let instance =
+        wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+    let adapter = pollster::block_on(instance.request_adapter(&Default::default()))
+        .expect("tests need a GPU adapter");
+    let device = || {
+        let (d, q) = pollster::block_on(adapter.request_device(&Default::default())).unwrap();
+        blockflash::Gpu::from_device(d, q, adapter.get_info(), Vec::new())
+    };
+    let (mine, same_instance) = (device(), device());
+    let other_instance = blockflash::Gpu::new().unwrap();
+    let shape = Shape::new(1, 2, 16, 32);
+    let plan = Plan::new(&mine, shape, None, PlanOptions::default()).unwrap();
+    let mut rng = Rng::fresh("foreign buffers");
+    let (q, k, v) = inputs(&mut rng, &shape);
+    for foreign in [&same_instance, &other_instance] {
+        let b: Vec<wgpu::Buffer> = (0..9)
+            .map(|_| {
+                foreign.device().create_buffer(&wgpu::BufferDescriptor {
+                    label: None,
+                    size: 4 * shape.q_len() as u64,
+                    usage: wgpu::BufferUsages::STORAGE,
+                    mapped_at_creation: false,
+                })
+            })
+            .collect();
+        let mut enc = mine.device().create_command_encoder(&Default::default());
+        let forward = blockflash::Tensors {
+            q: &b[0],
+            k: &b[1],
+            v: &b[2],
+            o: &b[3],
+            lse: &b[4],
+        };
+        let backward = blockflash::BackwardTensors {
+            q: &b[0],
+            k: &b[1],
+            v: &b[2],
+            o: &b[3],
+            lse: &b[4],
+            d_o: &b[5],
+            dq: &b[6],
+            dk: &b[7],
+            dv: &b[8],
+        };
+        for got in [
+            plan.encode(&mut enc, &forward),
+            plan.encode_backward(&mut enc, &backward),
+        ] {
+            match got {
+                Err(Error::InvalidArgument { what, why }) => {
+                    assert_eq!(what, "caller buffers or query set", "{why}")
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        drop(enc);
+        let out = plan.run(&q, &k, &v).unwrap();
+        let want = reference::attention(&shape, &q, &k, &v, None, None).unwrap();
+        assert_close("after foreign buffers", &out, &want, tolerance(DType::F32));
+    }
+}
+
+#[test]
 fn a_gpu_error_nobody_captured_is_reported_once() {
     // Its own device: the error must not reach the other tests' plans.
     let g = blockflash::Gpu::new().unwrap();
