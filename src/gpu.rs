@@ -422,6 +422,9 @@ impl Gpu {
             Tier::PortableBf16,
             Tier::PortableF32
         );
+        if let Err(Error::TierUnavailable(why)) = self.supports(Tier::TensorCore) {
+            s += &format!("tensor cores:   unavailable: {why}\n");
+        }
         s += &format!(
             "row reductions: {}\n",
             match self.min_subgroup_size() {

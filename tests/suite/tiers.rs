@@ -413,6 +413,8 @@ fn tensor_cores_need_the_configuration_and_subgroups_of_32() {
                     "exactly 32"
                 };
                 assert!(why.contains(expected), "{why}");
+                // `blockflash info` says why.
+                assert!(gpu.report().contains(&format!("unavailable: {why}")));
             }
             Err(e) => panic!("{e}"),
         }
