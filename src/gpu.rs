@@ -276,17 +276,20 @@ impl Gpu {
                 "portable-f16 needs SHADER_F16, which this device lacks".into(),
             )),
             Tier::TensorCore => {
-                let has = f.contains(wgpu::Features::SHADER_F16)
-                    && (self.emulated_coop
-                        || self.coop_matrix.iter().any(|c| {
-                            (c.m_size, c.n_size, c.k_size) == (16, 16, 16)
-                                && c.ab_type == wgpu::CooperativeScalarType::F16
-                                && c.cr_type == wgpu::CooperativeScalarType::F32
-                        }));
+                let configured = self.emulated_coop
+                    || self.coop_matrix.iter().any(|c| {
+                        (c.m_size, c.n_size, c.k_size) == (16, 16, 16)
+                            && c.ab_type == wgpu::CooperativeScalarType::F16
+                            && c.cr_type == wgpu::CooperativeScalarType::F32
+                    });
                 // The kernels give each 16x16 fragment to a subgroup of invocations 32 w ..
                 // 32 w + 31; subgroups of any other size would mix rows of different fragments.
                 let (min, max) = (self.info.subgroup_min_size, self.info.subgroup_max_size);
-                if !has {
+                if !f.contains(wgpu::Features::SHADER_F16) {
+                    Err(Error::TierUnavailable(
+                        "tensor-core-f16 needs SHADER_F16, which this device lacks".into(),
+                    ))
+                } else if !configured {
                     Err(Error::TierUnavailable(
                         "tensor-core-f16 needs cooperative matrices 16x16x16 with f16 operands \
                          and f32 accumulators, which this adapter does not report"

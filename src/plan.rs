@@ -168,7 +168,7 @@ struct Costs {
 /// The tensor-core kernel at d = 64 in nanoseconds of the whole H200 (132 SMs), by tile rows:
 /// (rows, work item, dense tile, full and partial tile of the sparse walk). A work item is a
 /// query tile's Q, first K/V tile and output. The 64- and 128-row shapes were fitted on
-/// 2026-12-01 (least squares on relative error, every row within ±12%) to the sparse plans of
+/// 2026-12-01 (least squares on relative error, every row within ±13%) to the sparse plans of
 /// every family and of block-diagonal masks, `bench --path sparse --seq 16384 --batch 4
 /// --heads 32 --head-dim 64 --tile Rx32`, after Q came to be read in vec4 loads (BENCHMARKS.md);
 /// the 32- and 16-row shapes earlier, from fewer masks, one tile cost for both kinds, with the
@@ -852,8 +852,12 @@ impl Plan {
     ///
     /// Every buffer must hold at least the plan's shape, within one storage binding of the
     /// adapter (the host form [`Plan::run`] splits larger problems), and belong to the plan's
-    /// device: buffers of another device or wgpu instance give [`Error::InvalidArgument`]
-    /// (natively; in the browser wgpu reports them from a later call).
+    /// device: buffers of another device of the same wgpu instance give
+    /// [`Error::InvalidArgument`] (natively; in the browser wgpu reports them from a later
+    /// call). Buffers of another wgpu instance are not supported: wgpu knows a buffer only by
+    /// its index within its own instance, so such a buffer may stand for one of this
+    /// instance's buffers without any error (where it stands for none, wgpu-core panics, and
+    /// this call returns that as [`Error::InvalidArgument`] instead).
     pub fn encode(&self, encoder: &mut wgpu::CommandEncoder, t: &Tensors) -> Result<()> {
         self.encode_timed(encoder, t, None)
     }
@@ -1149,10 +1153,11 @@ fn check_buffers(gpu: &Gpu, buffers: &[(&'static str, &wgpu::Buffer, u64, bool)]
 }
 
 /// Runs `encode`, which binds the caller's buffers and query set, so that objects of another
-/// device or wgpu instance come back as an error of this call rather than of a later one:
-/// wgpu reports another device's buffer as a validation error (caught by an error scope
-/// here), and wgpu-core panics on a buffer of another instance (its ids are unknown to this
-/// one; the panic is caught here, after wgpu's panic hook has printed it). An encoder of
+/// device come back as an error of this call rather than of a later one: wgpu reports another
+/// device's buffer as a validation error, caught by an error scope here. A buffer of another
+/// wgpu instance is known to this one only by its index: where that index names one of this
+/// instance's buffers, nothing can tell (see [`Plan::encode`]); where it names none, wgpu-core
+/// panics, and the panic is caught here (after wgpu's panic hook has printed it). An encoder of
 /// another device shows up when it is finished or submitted, as wgpu reports it. In the
 /// browser, where error scopes resolve asynchronously and panics abort, `encode` runs as is.
 fn guard_caller_objects(gpu: &Gpu, encode: impl FnOnce() -> Result<()>) -> Result<()> {
@@ -1171,8 +1176,8 @@ fn guard_caller_objects(gpu: &Gpu, encode: impl FnOnce() -> Result<()>) -> Resul
             why,
         };
         match (result, refused) {
-            (Ok(r), None) => r,
-            (Ok(_), Some(e)) => Err(invalid(format!("wgpu refused them: {e}"))),
+            (Ok(Ok(())), Some(e)) => Err(invalid(format!("wgpu refused them: {e}"))),
+            (Ok(r), _) => r,
             (Err(panic), _) => {
                 let message = panic
                     .downcast_ref::<&str>()
@@ -1180,7 +1185,8 @@ fn guard_caller_objects(gpu: &Gpu, encode: impl FnOnce() -> Result<()>) -> Resul
                     .or_else(|| panic.downcast_ref::<String>().cloned())
                     .unwrap_or_default();
                 Err(invalid(format!(
-                    "wgpu panicked on them ({message}): objects of another wgpu instance?"
+                    "wgpu panicked while binding them ({message}): buffers of another wgpu \
+                     instance?"
                 )))
             }
         }
@@ -1273,7 +1279,8 @@ fn split_rows(
 /// Items ordered heaviest first, reordered as the heaviest, the lightest, the second heaviest,
 /// the second lightest, ...: heavy and light items then run side by side on the GPU throughout.
 /// On the H200 (tensor-core tier, d = 64, N = 16384) this took 3% off causal and packed-document
-/// masks against heaviest first, the other families within 1% (BENCHMARKS.md).
+/// masks against heaviest first; tree, sliding-window and random-block masks within 1%
+/// (BENCHMARKS.md).
 fn heavy_and_light_alternating<T: Copy>(items: Vec<T>) -> Vec<T> {
     let n = items.len();
     (0..n)
@@ -1387,12 +1394,12 @@ mod tests {
             ..Default::default()
         };
         // Documents ran 7.48 ms at 128x32 against 7.81 at 64x32 (7.58 with the alternating
-        // order), prefix-LM 7.97 against 8.55: close enough for either.
+        // order): close enough for either.
         let fastest: [(&str, &[usize]); 8] = [
             ("causal", &[128]),
             ("sliding-window", &[128]),
             ("documents", &[128, 64]),
-            ("prefix-lm", &[128, 64]),
+            ("prefix-lm", &[128]),
             ("longformer", &[64]),
             ("bigbird", &[64]),
             ("tree", &[64]),

@@ -363,9 +363,12 @@ fn bad_options_shapes_and_caller_buffers_give_typed_errors() {
 }
 
 #[test]
-fn buffers_of_another_device_or_wgpu_instance_give_typed_errors() {
-    // Two devices of one instance (wgpu: a validation error) and a device of another instance
-    // (wgpu-core: a panic on ids it does not know); the plan's device must stay usable.
+fn buffers_of_another_device_give_typed_errors_and_of_another_instance_no_panic() {
+    // Two devices of one instance: wgpu's validation error, returned by the call. A device of
+    // another instance: wgpu-core knows buffers by index within its instance, so a foreign one
+    // either stands for one of this instance's buffers (nothing can tell) or for none (a panic
+    // inside wgpu-core, returned as an error); no panic may escape. The plan's device must stay
+    // usable either way.
     let instance =
         wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
     let adapter = pollster::block_on(instance.request_adapter(&Default::default()))
@@ -380,7 +383,7 @@ fn buffers_of_another_device_or_wgpu_instance_give_typed_errors() {
     let plan = Plan::new(&mine, shape, None, PlanOptions::default()).unwrap();
     let mut rng = Rng::fresh("foreign buffers");
     let (q, k, v) = inputs(&mut rng, &shape);
-    for foreign in [&same_instance, &other_instance] {
+    for (foreign, refused) in [(&same_instance, true), (&other_instance, false)] {
         let b: Vec<wgpu::Buffer> = (0..9)
             .map(|_| {
                 foreign.device().create_buffer(&wgpu::BufferDescriptor {
@@ -418,6 +421,7 @@ fn buffers_of_another_device_or_wgpu_instance_give_typed_errors() {
                 Err(Error::InvalidArgument { what, why }) => {
                     assert_eq!(what, "caller buffers or query set", "{why}")
                 }
+                Ok(()) if !refused => {}
                 other => panic!("{other:?}"),
             }
         }
