@@ -296,7 +296,7 @@ impl Plan {
     /// Builds a plan for `shape` with an optional mask (`[Nq, Nk]` shared, or one per batch
     /// element). Uploads the block mask and index buffers once.
     pub fn new(gpu: &Gpu, shape: Shape, mask: Option<&Mask>, options: PlanOptions) -> Result<Plan> {
-        Self::build(gpu, shape, mask, None, options)
+        Self::build(gpu, shape, mask, None, options, true)
     }
 
     /// Builds a plan from a block mask built earlier from `mask` (its tile shape fixes the
@@ -324,15 +324,18 @@ impl Plan {
             reorder: Reorder::Off,
             ..options
         };
-        Self::build(gpu, shape, Some(mask), Some(block_mask), options)
+        Self::build(gpu, shape, Some(mask), Some(block_mask), options, true)
     }
 
+    /// With `compile_forward`, the forward kernel is compiled now, so that the first run does
+    /// not pay for it; a plan built only for its backward pass leaves it out.
     fn build(
         gpu: &Gpu,
         shape: Shape,
         mask: Option<&Mask>,
         forced_block: Option<BlockMask>,
         options: PlanOptions,
+        compile_forward: bool,
     ) -> Result<Plan> {
         let start = Instant::now();
         shape.validate()?;
@@ -693,8 +696,9 @@ impl Plan {
             why,
             build_ms: 0.0,
         };
-        // Compile now, so that the first run is not the one that pays for it.
-        plan.gpu.pipelines().get(device, plan.variant())?;
+        if compile_forward {
+            plan.gpu.pipelines().get(device, plan.variant())?;
+        }
         gpu.check_lost()?;
         Ok(Plan {
             build_ms: start.elapsed().as_secs_f64() * 1e3,

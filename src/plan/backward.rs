@@ -180,7 +180,8 @@ impl Plan {
                 subgroup_reductions: Some(false),
                 ..PlanOptions::default()
             };
-            let plan = Plan::new(&self.gpu, self.shape, mask.as_ref(), options)?;
+            // Only its backward pass runs: its forward kernel is never compiled.
+            let plan = Plan::build(&self.gpu, self.shape, mask.as_ref(), None, options, false)?;
             return Ok(BackwardState::Via(Box::new(plan)));
         }
         self.build_own().map(BackwardState::Own)
