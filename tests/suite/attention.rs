@@ -1,13 +1,13 @@
 //! The dense kernel against the f64 reference: shapes, head dims, GQA, masks, edge cases, and
 //! the host and GPU-resident forms.
 
-use blockflash::{reference, Error, Mask, Path, Plan, PlanOptions, Shape};
+use blockflash::{reference, Error, Mask, Path, Plan, PlanOptions, Shape, Tier};
 
 use blockflash::kernel::DType;
 
 use crate::common::{
-    assert_close, check_case, gpu, inputs, rel_l2, rounded, run_poisoned, run_poisoned_on,
-    small_binding_gpu, tolerance, Rng,
+    assert_close, check_case, emulated_gpu, gpu, inputs, rel_l2, rounded, run_poisoned,
+    run_poisoned_on, small_binding_gpu, tolerance, Rng,
 };
 
 fn dense() -> PlanOptions {
@@ -479,6 +479,60 @@ fn nan_and_inf_inputs_propagate_without_crashing() {
                 assert!((g as f64 - w).abs() < 1e-4, "row {row} col {c}: {g} vs {w}");
             } else {
                 assert!(!g.is_finite(), "row {row} col {c}: {g} vs {w}");
+            }
+        }
+    }
+}
+
+#[test]
+fn non_finite_values_of_masked_keys_reach_no_row_that_skips_their_tile() {
+    // Documented on `Plan`: a masked key's K never reaches a row; its V reaches the rows of the
+    // tiles that compute it (0 x NaN) and no others. Causal mask, sparse path: only the last
+    // query tile computes the last key's tile. The portable f32 tier and the tensor-core tier
+    // (emulated where the adapter has no cooperative matrices).
+    let mut rng = Rng::fresh("masked nan");
+    let (n, d) = (200, 64);
+    let shape = Shape::new(1, 2, n, d);
+    let mask = Mask::causal(n, n).unwrap();
+    for (g, dtype, tier) in [
+        (gpu(), DType::F32, None),
+        (emulated_gpu(), DType::F16, Some(Tier::TensorCore)),
+    ] {
+        let (q, mut k, mut v) = inputs(&mut rng, &shape);
+        let last = n - 1;
+        k[last * d + 3] = f32::NAN; // head 0: K and V of the last key
+        v[last * d + 5] = f32::NAN;
+        // head 1: K only, infinite with the sign that makes the last row's score +inf
+        k[(n + last) * d] = f32::INFINITY.copysign(q[(n + last) * d]);
+        let (q, k, v) = (rounded(dtype, q), rounded(dtype, k), rounded(dtype, v));
+        let options = PlanOptions {
+            path: Some(Path::Sparse),
+            dtype,
+            tier,
+            ..Default::default()
+        };
+        let plan = Plan::new(g, shape, Some(&mask), options).unwrap();
+        let out = run_poisoned_on(g, &plan, &q, &k, &v);
+        let want = reference::attention(&shape, &q, &k, &v, Some(&mask), None).unwrap();
+        let rows = plan.config().tile_rows;
+        let what = format!("{} {rows}x{}", plan.tier(), plan.config().tile_cols);
+        for h in 0..2 {
+            for row in 0..n {
+                let at = (h * n + row) * d;
+                let (got, w) = (&out.o[at..at + d], &want.o[at..at + d]);
+                if row == last {
+                    assert!(
+                        w.iter().any(|x| !x.is_finite()),
+                        "{what} head {h}: reference"
+                    );
+                    assert!(
+                        got.iter().any(|x| !x.is_finite()),
+                        "{what} head {h}: last row"
+                    );
+                } else if h == 1 || row < last / rows * rows {
+                    let err = rel_l2(got, w);
+                    assert!(err < tolerance(dtype), "{what} head {h} row {row}: {err}");
+                }
             }
         }
     }
