@@ -24,9 +24,10 @@
 // copied straight from global memory at the same point). Two barriers per tile where no row
 // rescales: S stored, and the rescale flag read. P is written with the current reference max
 // before the flag is read (that read's barrier makes it visible to the subgroup's cooperative
-// load); on a tile whose flag is set, P is written again with the new max and a barrier
-// follows. The flag alternates between two slots of `red`, so clearing one needs no barrier of
-// its own (this made the dense kernel 1.04x faster at 64x32 and 128x32 on the H200).
+// load); on a tile where any thread sets the flag, every row writes P again with its new max,
+// behind barriers of its own (one, and three per O chunk where the accumulators are rescaled).
+// The flag alternates between two slots of `red`, so clearing one needs no barrier of its own
+// (this made the dense kernel 1.04x faster at 64x32 and 128x32 on the H200).
 //
 // At the end, the threads write O row-major and coalesced: consecutive threads write
 // consecutive vec4 of one row (DC / 4 threads per row) rather than two threads a row.
@@ -66,8 +67,8 @@ fn mask_word(i: u32) -> u32 {
 var<workgroup> kv_sh: array<f16, max(3u * BC, BR) * (D + 8u)>;
 var<workgroup> p_sh: array<f16, BR * (BC + 8u)>;
 var<workgroup> f_sh: array<f32, BR * (max(BC, DC) + 4u)>;
-// each thread's tile max, then its l at the end; the rescale flags of even and odd tiles at
-// 2 BR and 2 BR + 1
+// each thread's tile max, then its l at the end; the rescale flags of even and odd walk
+// positions (pos) at 2 BR and 2 BR + 1
 var<workgroup> red: array<f32, 2u * BR + 4u>;
 
 // Keys [key0, key0 + BC) of one K or V head, as this thread's share (zeros past the end).
@@ -261,11 +262,15 @@ fn main(
         if (mx > m_i + RESCALE_GAP) {
             red[2u * BR + pos % 2u] = select(1.0, 2.0, pos == it.first);
         }
-        // P with the current reference max, before the flag is read. The clamp matters only in
-        // rows whose flag is set (on the first tile m_i is NEG), whose P is written again below.
+        // P with the current reference max, before the flag is read. Where no thread sets the
+        // flag, every score is at most m_i + RESCALE_GAP; where one does, every row writes P
+        // again below. The clamp only keeps the discarded values finite (on the first tile m_i
+        // is NEG); it is a select, not min(), so that a NaN score stays NaN (SPIR-V's FMin
+        // may return the other operand).
         var ps = 0.0;
         for (var j = 0u; j < BC / 2u; j++) {
-            let p = select(exp2(min(sv[j] - m_i, RESCALE_GAP)), 0.0, sv[j] <= NEG_CUT);
+            let e = sv[j] - m_i;
+            let p = select(exp2(select(e, RESCALE_GAP, e > RESCALE_GAP)), 0.0, sv[j] <= NEG_CUT);
             p_sh[r * (BC + 8u) + 2u * j + half] = f16(p);
             ps += p;
         }

@@ -485,14 +485,16 @@ fn nan_and_inf_inputs_propagate_without_crashing() {
 }
 
 #[test]
-fn non_finite_values_of_masked_keys_reach_no_row_that_skips_their_tile() {
-    // Documented on `Plan`: a masked key's K never reaches a row; its V reaches the rows of the
-    // tiles that compute it (0 x NaN) and no others. Causal mask, sparse path: only the last
-    // query tile computes the last key's tile. The portable f32 tier and the tensor-core tier
-    // (emulated where the adapter has no cooperative matrices).
-    let mut rng = Rng::fresh("masked nan");
+fn non_finite_values_reach_the_rows_that_attend_them_and_of_masked_keys_no_row_that_skips_their_tile(
+) {
+    // Documented on `Plan`: a NaN or infinity in an attended key's K makes the row non-finite;
+    // a masked key's K never reaches a row; its V reaches the rows of the tiles that compute it
+    // (0 x NaN) and no others. Causal mask, sparse path: only the last query tile computes the
+    // last key's tile. The portable f32 tier and the tensor-core tier (emulated where the
+    // adapter has no cooperative matrices).
+    let mut rng = Rng::fresh("non-finite");
     let (n, d) = (200, 64);
-    let shape = Shape::new(1, 2, n, d);
+    let shape = Shape::new(1, 3, n, d);
     let mask = Mask::causal(n, n).unwrap();
     for (g, dtype, tier) in [
         (gpu(), DType::F32, None),
@@ -504,6 +506,9 @@ fn non_finite_values_of_masked_keys_reach_no_row_that_skips_their_tile() {
         v[last * d + 5] = f32::NAN;
         // head 1: K only, infinite with the sign that makes the last row's score +inf
         k[(n + last) * d] = f32::INFINITY.copysign(q[(n + last) * d]);
+        // head 2: K of key 150 only (V finite), inside the walk of rows 150..: their scores
+        // with it are NaN on a tile that is not their walk's first
+        k[(2 * n + 150) * d + 7] = f32::NAN;
         let (q, k, v) = (rounded(dtype, q), rounded(dtype, k), rounded(dtype, v));
         let options = PlanOptions {
             path: Some(Path::Sparse),
@@ -516,20 +521,25 @@ fn non_finite_values_of_masked_keys_reach_no_row_that_skips_their_tile() {
         let want = reference::attention(&shape, &q, &k, &v, Some(&mask), None).unwrap();
         let rows = plan.config().tile_rows;
         let what = format!("{} {rows}x{}", plan.tier(), plan.config().tile_cols);
-        for h in 0..2 {
+        for h in 0..3 {
             for row in 0..n {
                 let at = (h * n + row) * d;
                 let (got, w) = (&out.o[at..at + d], &want.o[at..at + d]);
-                if row == last {
-                    assert!(
-                        w.iter().any(|x| !x.is_finite()),
-                        "{what} head {h}: reference"
-                    );
+                let reaches = match h {
+                    2 => row >= 150,
+                    _ => row == last,
+                };
+                assert_eq!(
+                    w.iter().any(|x| !x.is_finite()),
+                    reaches,
+                    "{what} head {h} row {row}: reference"
+                );
+                if reaches {
                     assert!(
                         got.iter().any(|x| !x.is_finite()),
-                        "{what} head {h}: last row"
+                        "{what} head {h} row {row}: finite"
                     );
-                } else if h == 1 || row < last / rows * rows {
+                } else if h != 0 || row < last / rows * rows {
                     let err = rel_l2(got, w);
                     assert!(err < tolerance(dtype), "{what} head {h} row {row}: {err}");
                 }
