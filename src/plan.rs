@@ -119,7 +119,8 @@ struct Chunk {
 /// A built attention plan: mask → block mask → path, tiles and buffers, ready to run.
 ///
 /// Non-finite inputs: a NaN or infinity in Q, or in the K or V of a key that a row attends,
-/// makes that row's output non-finite, as in the reference. K of a key that a row may not attend
+/// reaches that row's output as it does in the reference (as NaN or infinity, except that a
+/// score of −∞ weighs nothing in both). K of a key that a row may not attend
 /// never reaches it. V of such a key can: the P·V product of a computed tile multiplies the
 /// masked keys' zero probabilities by their V, and 0 × NaN (or × ∞) is NaN. So a non-finite V
 /// spreads to the rows of every tile that computes its key (partial tiles; every tile on the
