@@ -980,7 +980,8 @@ impl Plan {
     /// Q `[B, H, Nq, d]`, K and V `[B, Hkv, Nk, d]` row-major f32; returns O `[B, H, Nq, d]`
     /// and LSE `[B, H, Nq]` (natural log; −∞ for rows with no allowed key; empty when the
     /// plan does not write it). A plan with f16 or bf16 storage rounds the inputs to it on
-    /// upload and returns its output widened to f32.
+    /// upload (f16 holds magnitudes up to 65504: from 65520 on, inputs become infinite; see the
+    /// non-finite inputs on [`Plan`]) and returns its output widened to f32.
     pub fn run(&self, q: &[f32], k: &[f32], v: &[f32]) -> Result<Output<f32>> {
         pollster::block_on(self.run_async(q, k, v))
     }
