@@ -120,11 +120,11 @@ struct Chunk {
 ///
 /// Non-finite inputs: a NaN or infinity in Q, or in the K or V of a key that a row attends,
 /// reaches that row's output as it does in the reference (as NaN or infinity, except that a
-/// score of −∞ weighs nothing in both). K of a key that a row may not attend
-/// never reaches it. V of such a key can: the P·V product of a computed tile multiplies the
-/// masked keys' zero probabilities by their V, and 0 × NaN (or × ∞) is NaN. So a non-finite V
-/// spreads to the rows of every tile that computes its key (partial tiles; every tile on the
-/// dense path), and to no row whose tiles skip it. Keep V finite on masked and padding keys.
+/// score of −∞ weighs nothing in both). K of a key that a row may not attend never reaches it.
+/// V of such a key can: the P·V product of a computed tile multiplies the masked keys' zero
+/// probabilities by their V, and 0 × NaN (or × ∞) is NaN. So a non-finite V spreads to the rows
+/// of every tile that computes its key (partial tiles; every tile on the dense path), and to no
+/// row whose tiles skip it. Keep V finite on masked and padding keys.
 ///
 /// ```no_run
 /// use blockflash::{Gpu, Mask, Plan, PlanOptions, Shape};
@@ -208,7 +208,8 @@ fn costs(c: &KernelConfig) -> Costs {
             item: item * d / 64.0,
             dense: dense * scale,
             // The run-length walk measured 1.6x the sparse walk's time per tile on the H100
-            // (a full mask at N = 16384: 496 against 316 ms, BENCHMARKS.md).
+            // (a full mask at N = 16384: 496 against 316 ms) and again on the H200 with the
+            // current kernel (64x32, N = 8192: 67.6 against 42.6 ms; BENCHMARKS.md).
             run_length: (1.6 * walk.0, 1.6 * walk.1),
             sparse: walk,
             // Mask bits on every tile of the dense path: causal at 64x32 took 241 ms there
