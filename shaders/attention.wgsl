@@ -107,10 +107,12 @@ fn main(
 
     var m_i: array<f32, TM_CAP>;
     var l_i: array<f32, TM_CAP>;
+    var watch: array<f32, TM_CAP>;  // this thread's scores of each row, scaled (see WATCH)
     var acc: array<vec4<f32>, ACC_CAP>;
     for (var i = 0u; i < TM; i++) {
         m_i[i] = NEG;
         l_i[i] = 0.0;
+        watch[i] = 0.0;
     }
     for (var a = 0u; a < TM * ON; a++) {
         acc[a] = vec4<f32>(0.0);
@@ -159,6 +161,7 @@ fn main(
             var mx = NEG;
             for (var j = 0u; j < SN; j++) {
                 mx = max(mx, s[i * SN + j]);
+                watch[i] = fma(s[i * SN + j], WATCH, watch[i]);
             }
             if (SUBGROUP_RED) {
                 tile_max[i] = lanes_max(mx);
@@ -188,7 +191,6 @@ fn main(
             var ps = 0.0;
             for (var j = 0u; j < SN; j++) {
                 let sv = s[i * SN + j];
-                // written so that a NaN score stays NaN (inputs with NaN propagate it)
                 let p = select(exp2(sv - m_new), 0.0, sv <= NEG_CUT);
                 p_tile[r * BC + tx + TX * j] = p;
                 ps += p;
@@ -226,20 +228,38 @@ fn main(
         }
     }
 
-    // Normalise and store; rows with no allowed key give O = 0 and LSE = -inf.
+    // Normalise and store; rows with no allowed key give O = 0 and LSE = -inf, rows with a NaN
+    // or +inf score NaN (the verdicts of the row's TX threads combined by max).
+    var bad: array<f32, TM_CAP>;
+    for (var i = 0u; i < TM; i++) {
+        bad[i] = select(0.0, 1.0, spoiled(watch[i]));
+        if (SUBGROUP_RED) {
+            bad[i] = lanes_max(bad[i]);
+        } else {
+            red_m[(ty + TY * i) * TX + tx] = bad[i];
+        }
+    }
+    if (!SUBGROUP_RED) {
+        workgroupBarrier();
+        for (var i = 0u; i < TM; i++) {
+            for (var t = 0u; t < TX; t++) {
+                bad[i] = max(bad[i], red_m[(ty + TY * i) * TX + t]);
+            }
+        }
+    }
     for (var i = 0u; i < TM; i++) {
         let r = ty + TY * i;
         if (q0 + r >= P.seq_q) {
             continue;
         }
         let l = l_i[i];
-        let inv = select(0.0, 1.0 / l, l > 0.0);
+        let inv = select(select(0.0, 1.0 / l, l > 0.0), nan_value(), bad[i] != 0.0);
         let dest = dest_row(it, r);
         for (var o = 0u; o < ON; o++) {
             store_o4(it, dest, 4u * (tx + TX * o), acc[i * ON + o] * inv);
         }
         if (tx == 0u) {
-            store_lse(it, dest, m_i[i], l);
+            store_lse(it, dest, m_i[i], l, bad[i] != 0.0);
         }
     }
 }

@@ -171,6 +171,7 @@ fn main(
     }
     var m_i = NEG;
     var l_i = 0.0;
+    var watch = 0.0;  // this thread's scores, scaled (see WATCH in common.wgsl)
     var sv: array<f32, HALF_CAP>;
     var pa: array<coop_mat16x16<f16, A>, KT_CAP>;
 
@@ -254,6 +255,7 @@ fn main(
             }
             sv[j] = x;
             mx4[j % 4u] = max(mx4[j % 4u], x);
+            watch = fma(x, WATCH, watch);
         }
         let mx = max(max(mx4.x, mx4.y), max(mx4.z, mx4.w));
         red[lid] = mx;
@@ -265,12 +267,11 @@ fn main(
         // P with the current reference max, before the flag is read. Where no thread sets the
         // flag, every score is at most m_i + RESCALE_GAP; where one does, every row writes P
         // again below. The clamp only keeps the discarded values finite (on the first tile m_i
-        // is NEG); it is a select, not min(), so that a NaN score stays NaN (SPIR-V's FMin
-        // may return the other operand).
+        // is NEG); NaN scores are caught by `watch`, not here.
         var ps = 0.0;
         for (var j = 0u; j < BC / 2u; j++) {
             let e = sv[j] - m_i;
-            let p = select(exp2(select(e, RESCALE_GAP, e > RESCALE_GAP)), 0.0, sv[j] <= NEG_CUT);
+            let p = select(exp2(min(e, RESCALE_GAP)), 0.0, sv[j] <= NEG_CUT);
             p_sh[r * (BC + 8u) + 2u * j + half] = f16(p);
             ps += p;
         }
@@ -316,8 +317,10 @@ fn main(
             }
         }
     }
+    // The row sum of each thread, NEG where its scores were spoiled (NaN or +inf): the two
+    // threads' sum is then below NEG_CUT.
     workgroupBarrier();
-    red[lid] = l_i;
+    red[lid] = select(l_i, NEG, spoiled(watch));
     for (var ci = 0u; ci < D / DC; ci++) {
         for (var m = 0u; m < DC / 16u; m++) {
             coopStoreT(acc[ci * (DC / 16u) + m], &f_sh[sg * 16u * (max(BC, DC) + 4u) + m * 16u], max(BC, DC) + 4u);
@@ -328,13 +331,14 @@ fn main(
             let c = 4u * (e % (DC / 4u));
             if (q0 + row < P.seq_q) {
                 let l_row = red[2u * row] + red[2u * row + 1u];
-                let inv = select(0.0, 1.0 / l_row, l_row > 0.0);
+                let inv = select(select(0.0, 1.0 / l_row, l_row > 0.0), nan_value(), l_row < NEG_CUT);
                 let o = row * (max(BC, DC) + 4u) + c;
                 store_o4(it, dest_row(it, row), ci * DC + c, vec4<f32>(f_sh[o], f_sh[o + 1u], f_sh[o + 2u], f_sh[o + 3u]) * inv);
             }
         }
         if (half == 0u && ci == 0u && q0 + r < P.seq_q) {
-            store_lse(it, dest_row(it, r), m_i, red[2u * r] + red[2u * r + 1u]);
+            let l_row = red[2u * r] + red[2u * r + 1u];
+            store_lse(it, dest_row(it, r), m_i, l_row, l_row < NEG_CUT);
         }
         workgroupBarrier();
     }

@@ -31,6 +31,14 @@ const NEG: f32 = -3.0e38;      // "minus infinity" that stays finite in arithmet
 const NEG_CUT: f32 = -1.0e38;  // scores below this are masked
 const NO_SPLIT: u32 = 0xffffffffu;
 const LN2: f32 = 0.6931471805599453;
+// Non-finite scores. WGSL lets an implementation assume that no value is NaN or infinite, and
+// drivers do: max() drops a NaN, and a select on a comparison may become a min() that drops it
+// too (the H200's did, in the tensor-core kernel's P). So no kernel relies on float arithmetic
+// to carry a NaN or +inf score to its row's output: each thread sums its row's scores after
+// masking, scaled by WATCH so that finite scores cannot overflow the sum (2^-64 x 3.4e38 x 2^32
+// keys stays finite); a row whose sum is NaN or +inf (`spoiled`, an integer test) gets NaN as
+// its output and log-sum-exp, as in the reference. A score of -inf weighs nothing.
+const WATCH: f32 = 5.421010862427522e-20;   // 2^-64
 
 struct Params {
     seq_q: u32,
@@ -183,6 +191,17 @@ fn dest_row(it: Item, r: u32) -> u32 {
     return (it.b * P.heads + it.h) * P.seq_q + token(it.qt * BR + r);
 }
 
+// NaN or +inf, tested on the bits (see WATCH).
+fn spoiled(x: f32) -> bool {
+    let b = bitcast<u32>(x);
+    return (b & 0x7fffffffu) > 0x7f800000u || b == 0x7f800000u;
+}
+
+// A NaN made at run time (a NaN constant is a shader-creation error in WGSL).
+fn nan_value() -> f32 {
+    return bitcast<f32>(P.neg_inf_bits | 0x7fc00000u);
+}
+
 // Stores columns c..c+3 (c a multiple of 4) of normalised output row `dest` (from dest_row).
 fn store_o4(it: Item, dest: u32, c: u32, v: vec4<f32>) {
     if (it.split != NO_SPLIT) {
@@ -196,16 +215,17 @@ fn store_o4(it: Item, dest: u32, c: u32, v: vec4<f32>) {
     }
 }
 
-// Stores the log-sum-exp of row `dest` from the running max `m` (log2 units) and sum `l`.
-fn store_lse(it: Item, dest: u32, m: f32, l: f32) {
+// Stores the log-sum-exp of row `dest` from the running max `m` (log2 units) and sum `l`; NaN
+// where the row is `bad` (a NaN or +inf score).
+fn store_lse(it: Item, dest: u32, m: f32, l: f32, bad: bool) {
     if (it.split != NO_SPLIT) {
-        scratch[P.scratch_lse_off + dest] = select(NEG, m + log2(l), l > 0.0);
+        scratch[P.scratch_lse_off + dest] = select(select(NEG, m + log2(l), l > 0.0), nan_value(), bad);
     } else if (WRITE_LSE) {
         var lse = bitcast<f32>(P.neg_inf_bits);
         if (l > 0.0) {
             lse = (m + log2(l)) * LN2;
         }
-        lse_buf[dest] = lse;
+        lse_buf[dest] = select(lse, nan_value(), bad);
     }
 }
 
@@ -236,9 +256,11 @@ fn merge(
         }
         var big_l = 0.0;
         var o = vec4<f32>(0.0);
+        var bad = false;
         for (var s = s0; s < s0 + ns; s++) {
             let part = ((s * nwg.z + wg.z) * P.heads + h) * BR + r;
             let ls = scratch[P.scratch_lse_off + part];
+            bad = bad || spoiled(ls);
             if (ls > NEG_CUT) {
                 let wt = exp2(ls - mx);
                 big_l += wt;
@@ -247,13 +269,14 @@ fn merge(
             }
         }
         let out_row = (b * P.heads + h) * P.seq_q + token(qrow);
-        o_buf[out_row * (D / 4u) + c4] = pack4(select(vec4<f32>(0.0), o / big_l, big_l > 0.0));
+        let out = select(select(vec4<f32>(0.0), o / big_l, big_l > 0.0), vec4<f32>(nan_value()), bad);
+        o_buf[out_row * (D / 4u) + c4] = pack4(out);
         if (WRITE_LSE && c4 == 0u) {
             var lse = bitcast<f32>(P.neg_inf_bits);
             if (big_l > 0.0) {
                 lse = (mx + log2(big_l)) * LN2;
             }
-            lse_buf[out_row] = lse;
+            lse_buf[out_row] = select(lse, nan_value(), bad);
         }
     }
 }

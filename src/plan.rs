@@ -118,13 +118,17 @@ struct Chunk {
 
 /// A built attention plan: mask → block mask → path, tiles and buffers, ready to run.
 ///
-/// Non-finite inputs: a NaN or infinity in Q, or in the K or V of a key that a row attends,
-/// reaches that row's output as it does in the reference (as NaN or infinity, except that a
-/// score of −∞ weighs nothing in both). K of a key that a row may not attend never reaches it.
-/// V of such a key can: the P·V product of a computed tile multiplies the masked keys' zero
-/// probabilities by their V, and 0 × NaN (or × ∞) is NaN. So a non-finite V spreads to the rows
-/// of every tile that computes its key (partial tiles; every tile on the dense path), and to no
-/// row whose tiles skip it. Keep V finite on masked and padding keys.
+/// Non-finite inputs: a row with a NaN or +∞ score (from Q, or from the K of a key it attends)
+/// gets NaN as its output and log-sum-exp, as in the reference; a score of −∞ weighs nothing
+/// in both. WGSL lets a GPU compiler assume that no value is NaN or infinite, and some do (the
+/// H200's Vulkan driver turned a NaN score into a finite weight), so the forward kernels track
+/// such scores with integer tests rather than trusting float arithmetic to carry them. K of a
+/// key that a row may not attend never reaches it. V of such a key can: the P·V product of a
+/// computed tile multiplies the masked keys' zero probabilities by their V, and 0 × NaN (or × ∞)
+/// is NaN. So a non-finite V spreads to the rows of every tile that computes its key (partial
+/// tiles; every tile on the dense path), and to no row whose tiles skip it. Keep V finite on
+/// masked and padding keys. The backward pass reads the NaN log-sum-exp of such rows, but does
+/// not track non-finite values itself: train on finite inputs.
 ///
 /// ```no_run
 /// use blockflash::{Gpu, Mask, Plan, PlanOptions, Shape};

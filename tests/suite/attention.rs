@@ -6,8 +6,8 @@ use blockflash::{reference, Error, Mask, Path, Plan, PlanOptions, Shape, Tier};
 use blockflash::kernel::DType;
 
 use crate::common::{
-    assert_close, check_case, emulated_gpu, gpu, inputs, rel_l2, rounded, run_poisoned,
-    run_poisoned_on, small_binding_gpu, tolerance, Rng,
+    assert_close, check_case, emulated_gpu, gpu, inputs, rel_l2, rounded, run_filled_on,
+    run_poisoned, run_poisoned_on, small_binding_gpu, tier_or_skip, tolerance, Rng,
 };
 
 fn dense() -> PlanOptions {
@@ -487,19 +487,30 @@ fn nan_and_inf_inputs_propagate_without_crashing() {
 #[test]
 fn non_finite_values_reach_the_rows_that_attend_them_and_of_masked_keys_no_row_that_skips_their_tile(
 ) {
-    // Documented on `Plan`: a NaN or infinity in an attended key's K makes the row non-finite;
-    // a masked key's K never reaches a row; its V reaches the rows of the tiles that compute it
-    // (0 x NaN) and no others. Causal mask, sparse path: only the last query tile computes the
-    // last key's tile. The portable f32 tier and the tensor-core tier (emulated where the
-    // adapter has no cooperative matrices).
+    // Documented on `Plan`: a NaN or +inf score (from Q or an attended key's K) makes the row's
+    // output and LSE NaN; a masked key's K never reaches a row; its V reaches the rows of the
+    // tiles that compute it (0 x NaN) and no others. Causal mask; every tier (the tensor-core
+    // tier emulated where the adapter has no cooperative matrices), the sparse path whole and
+    // split over workgroups (the merge), and the dense path. The outputs are filled with a
+    // finite value first, so every NaN below was written by a kernel.
     let mut rng = Rng::fresh("non-finite");
     let (n, d) = (200, 64);
     let shape = Shape::new(1, 3, n, d);
     let mask = Mask::causal(n, n).unwrap();
-    for (g, dtype, tier) in [
-        (gpu(), DType::F32, None),
-        (emulated_gpu(), DType::F16, Some(Tier::TensorCore)),
-    ] {
+    let mut tiers = vec![
+        (gpu(), Tier::PortableF32, Some(false)),
+        (emulated_gpu(), Tier::TensorCore, None),
+    ];
+    if gpu().min_subgroup_size().is_some_and(|s| s >= 8) {
+        tiers.push((gpu(), Tier::PortableF32, Some(true)));
+    }
+    for tier in [Tier::PortableF16, Tier::PortableBf16] {
+        if tier_or_skip(tier) {
+            tiers.push((gpu(), tier, None));
+        }
+    }
+    for (g, tier, subgroups) in tiers {
+        let dtype = tier.dtype();
         let (q, mut k, mut v) = inputs(&mut rng, &shape);
         let last = n - 1;
         k[last * d + 3] = f32::NAN; // head 0: K and V of the last key
@@ -510,38 +521,54 @@ fn non_finite_values_reach_the_rows_that_attend_them_and_of_masked_keys_no_row_t
         // with it are NaN on a tile that is not their walk's first
         k[(2 * n + 150) * d + 7] = f32::NAN;
         let (q, k, v) = (rounded(dtype, q), rounded(dtype, k), rounded(dtype, v));
-        let options = PlanOptions {
-            path: Some(Path::Sparse),
-            dtype,
-            tier,
-            ..Default::default()
-        };
-        let plan = Plan::new(g, shape, Some(&mask), options).unwrap();
-        let out = run_poisoned_on(g, &plan, &q, &k, &v);
         let want = reference::attention(&shape, &q, &k, &v, Some(&mask), None).unwrap();
-        let rows = plan.config().tile_rows;
-        let what = format!("{} {rows}x{}", plan.tier(), plan.config().tile_cols);
-        for h in 0..3 {
-            for row in 0..n {
-                let at = (h * n + row) * d;
-                let (got, w) = (&out.o[at..at + d], &want.o[at..at + d]);
-                let reaches = match h {
-                    2 => row >= 150,
-                    _ => row == last,
-                };
-                assert_eq!(
-                    w.iter().any(|x| !x.is_finite()),
-                    reaches,
-                    "{what} head {h} row {row}: reference"
-                );
-                if reaches {
-                    assert!(
-                        got.iter().any(|x| !x.is_finite()),
-                        "{what} head {h} row {row}: finite"
+        for (path, split) in [
+            (Path::Sparse, None),
+            (Path::Sparse, Some(2)),
+            (Path::Dense, None),
+        ] {
+            let options = PlanOptions {
+                path: Some(path),
+                dtype,
+                tier: Some(tier),
+                max_tiles_per_workgroup: split,
+                subgroup_reductions: subgroups,
+                ..Default::default()
+            };
+            let plan = Plan::new(g, shape, Some(&mask), options).unwrap();
+            let out = run_filled_on(g, &plan, &q, &k, &v, 7.0);
+            let rows = plan.config().tile_rows;
+            let what = format!(
+                "{tier} {rows}x{} {path:?} split {split:?} subgroups {subgroups:?}",
+                plan.config().tile_cols
+            );
+            for h in 0..3 {
+                for row in 0..n {
+                    let at = (h * n + row) * d;
+                    let (got, w) = (&out.o[at..at + d], &want.o[at..at + d]);
+                    let reaches = match h {
+                        2 => row >= 150,
+                        _ => row == last,
+                    };
+                    assert_eq!(
+                        w.iter().any(|x| !x.is_finite()),
+                        reaches,
+                        "{what} head {h} row {row}: reference"
                     );
-                } else if h != 0 || row < last / rows * rows {
-                    let err = rel_l2(got, w);
-                    assert!(err < tolerance(dtype), "{what} head {h} row {row}: {err}");
+                    let lse = out.lse[h * n + row];
+                    if reaches {
+                        assert!(
+                            got.iter().all(|x| x.is_nan()) && lse.is_nan(),
+                            "{what} head {h} row {row}: {:?} lse {lse}",
+                            &got[..4]
+                        );
+                    } else if h != 0 || (path != Path::Dense && row < last / rows * rows) {
+                        // head 0's NaN V reaches the rows of the last query tile, on the dense
+                        // path every row
+                        let err = rel_l2(got, w);
+                        assert!(err < tolerance(dtype), "{what} head {h} row {row}: {err}");
+                        assert!(lse.is_finite(), "{what} head {h} row {row}: lse {lse}");
+                    }
                 }
             }
         }

@@ -59,6 +59,19 @@ pub fn gpu() -> &'static Gpu {
     })
 }
 
+/// Whether the test device supports `tier`; prints what is skipped and why where it does not.
+pub fn tier_or_skip(tier: Tier) -> bool {
+    match gpu().supports(tier) {
+        Ok(()) => true,
+        Err(e) => {
+            // Straight to stderr: libtest hides println! output of passing tests.
+            let name = &gpu().adapter_info().name;
+            writeln!(std::io::stderr(), "SKIPPED {tier} tests on {name}: {e}").ok();
+            false
+        }
+    }
+}
+
 /// The test device with the tensor-core tier's cooperative matrices emulated where it has
 /// none (see `Gpu::with_tensor_core_emulation`).
 pub fn emulated_gpu() -> &'static Gpu {
@@ -139,10 +152,15 @@ pub fn inputs(rng: &mut Rng, shape: &Shape) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
 }
 
 pub fn poisoned(gpu: &Gpu, e: DType, len: usize) -> wgpu::Buffer {
+    filled(gpu, e, len, f32::NAN)
+}
+
+/// An output buffer of `len` elements of `e`, each `fill`.
+pub fn filled(gpu: &Gpu, e: DType, len: usize, fill: f32) -> wgpu::Buffer {
     gpu.device()
         .create_buffer_init(&wgpu::util::BufferInitDescriptor {
             label: Some("poisoned output"),
-            contents: &e.encode(&vec![f32::NAN; len.max(1)]),
+            contents: &e.encode(&vec![fill; len.max(1)]),
             usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
         })
 }
@@ -154,6 +172,19 @@ pub fn run_poisoned(plan: &Plan, q: &[f32], k: &[f32], v: &[f32]) -> Output<f32>
 
 /// [`run_poisoned`] for a plan built on `gpu`.
 pub fn run_poisoned_on(gpu: &Gpu, plan: &Plan, q: &[f32], k: &[f32], v: &[f32]) -> Output<f32> {
+    run_filled_on(gpu, plan, q, k, v, f32::NAN)
+}
+
+/// [`run_poisoned_on`] with O and LSE filled with `fill` before the run: a finite fill shows
+/// where the kernels left a NaN unwritten, for tests whose expected outputs are NaN.
+pub fn run_filled_on(
+    gpu: &Gpu,
+    plan: &Plan,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    fill: f32,
+) -> Output<f32> {
     let s = plan.shape();
     let dev = gpu.device();
     let e = plan.dtype();
@@ -166,8 +197,8 @@ pub fn run_poisoned_on(gpu: &Gpu, plan: &Plan, q: &[f32], k: &[f32], v: &[f32]) 
     };
     let (qb, kb, vb) = (up(q), up(k), up(v));
     let (ob, lb) = (
-        poisoned(gpu, e, s.q_len()),
-        poisoned(gpu, DType::F32, s.lse_len()),
+        filled(gpu, e, s.q_len(), fill),
+        filled(gpu, DType::F32, s.lse_len(), fill),
     );
     let mut enc = dev.create_command_encoder(&Default::default());
     plan.encode(

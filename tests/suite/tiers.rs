@@ -13,20 +13,8 @@ use blockflash::Gpu;
 
 use crate::common::{
     assert_close, check_case_on, emulated_gpu, gpu, head_dims_with_tiles, inputs, rounded,
-    run_poisoned_on, shuffled_band, tolerance, Rng,
+    run_poisoned_on, shuffled_band, tier_or_skip, tolerance, Rng,
 };
-
-fn tier_or_skip(tier: Tier) -> bool {
-    match gpu().supports(tier) {
-        Ok(()) => true,
-        Err(e) => {
-            // Straight to stderr: libtest hides println! output of passing tests.
-            let name = &gpu().adapter_info().name;
-            writeln!(std::io::stderr(), "SKIPPED {tier} tests on {name}: {e}").ok();
-            false
-        }
-    }
-}
 
 fn opts(tier: Tier, path: Option<Path>) -> PlanOptions {
     PlanOptions {
