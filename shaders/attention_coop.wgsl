@@ -34,8 +34,11 @@
 //
 // Workgroup memory: tiles with padded rows (16 bytes) against bank conflicts; f_sh holds S each
 // key tile, and O in chunks of DC columns when rescaling and at the end (DC = D where that fits,
-// else BC: 64-row tiles then fit 48 KiB at d = 128; the chunk loops have constant trip counts,
-// which keeps the accumulators in registers); the Q tile passes through the K/V buffers first.
+// else BC: 64-row tiles then fit 48 KiB at d = 128, 128-row ones at d = 64). The chunks are
+// written out as calls with constant chunk numbers (o_chunks): as a loop with
+// barriers inside, the driver indexed the accumulators by the loop variable and kept them in
+// local memory (432 bytes a thread at 128x32 d = 64; out of it, the 128x32 dense plan ran 1.66x
+// faster on the H200). The Q tile passes through the K/V buffers first.
 // Every workgroup variable here is an array: on the H100's Vulkan driver (580.159) a scalar
 // workgroup variable beside the cooperative-matrix tiles corrupted the results, so the rescale
 // flag lives in a slot of `red`.
@@ -287,20 +290,7 @@ fn main(
             if (flag == 1.0) {
                 let alpha = exp2(m_i - m_new);
                 l_i *= alpha;
-                for (var ci = 0u; ci < D / DC; ci++) {
-                    for (var m = 0u; m < DC / 16u; m++) {
-                        coopStoreT(acc[ci * (DC / 16u) + m], &f_sh[sg * 16u * (max(BC, DC) + 4u) + m * 16u], max(BC, DC) + 4u);
-                    }
-                    workgroupBarrier();
-                    for (var j = 0u; j < DC / 2u; j++) {
-                        f_sh[r * (max(BC, DC) + 4u) + 2u * j + half] *= alpha;
-                    }
-                    workgroupBarrier();
-                    for (var m = 0u; m < DC / 16u; m++) {
-                        acc[ci * (DC / 16u) + m] = coopLoadT<coop_mat16x16<f32, C>>(&f_sh[sg * 16u * (max(BC, DC) + 4u) + m * 16u], max(BC, DC) + 4u);
-                    }
-                    workgroupBarrier();
-                }
+                o_chunks(&acc, lid, it, alpha, false);
             }
             m_i = m_new;
             workgroupBarrier();
@@ -317,29 +307,69 @@ fn main(
             }
         }
     }
-    // The row sum of each thread, NEG where its scores were spoiled (NaN or +inf): the two
-    // threads' sum is then below NEG_CUT.
+    // Each thread's row sum, and in p_sh (free now) whether its scores were spoiled (NaN or
+    // +inf). The verdict has slots of its own: a row sum can be NaN on a healthy thread too
+    // (its reference max is +inf from its partner's score, and a later rescale of the
+    // workgroup multiplies by exp2(inf - inf)).
     workgroupBarrier();
-    red[lid] = select(l_i, NEG, spoiled(watch));
-    for (var ci = 0u; ci < D / DC; ci++) {
-        for (var m = 0u; m < DC / 16u; m++) {
-            coopStoreT(acc[ci * (DC / 16u) + m], &f_sh[sg * 16u * (max(BC, DC) + 4u) + m * 16u], max(BC, DC) + 4u);
-        }
-        workgroupBarrier();
+    red[lid] = l_i;
+    p_sh[lid] = select(f16(0.0), f16(1.0), spoiled(watch));
+    o_chunks(&acc, lid, it, 1.0, true);
+    if (lid % 2u == 0u && it.qt * BR + lid / 2u < P.seq_q) {
+        let r = lid / 2u;
+        store_lse(it, dest_row(it, r), m_i, red[2u * r] + red[2u * r + 1u], row_spoiled(r));
+    }
+}
+
+// O through f_sh in head-dim chunks of DC columns: each row scaled by `alpha` and loaded back
+// (a rescale), or written out normalised (`write`, at the end). Every chunk is a call with a
+// constant chunk number (D / DC <= 4): as a loop around the barriers, the accumulators were
+// indexed by the loop variable and stayed in local memory.
+fn o_chunks(acc: ptr<function, array<coop_mat16x16<f32, C>, DT_CAP>>, lid: u32, it: Item, alpha: f32, write: bool) {
+    o_chunk(acc, 0u, lid, it, alpha, write);
+    if (D / DC > 1u) {
+        o_chunk(acc, 1u, lid, it, alpha, write);
+    }
+    if (D / DC > 2u) {
+        o_chunk(acc, 2u, lid, it, alpha, write);
+    }
+    if (D / DC > 3u) {
+        o_chunk(acc, 3u, lid, it, alpha, write);
+    }
+}
+
+fn o_chunk(acc: ptr<function, array<coop_mat16x16<f32, C>, DT_CAP>>, ci: u32, lid: u32, it: Item, alpha: f32, write: bool) {
+    let sg = lid / 32u;
+    for (var m = 0u; m < DC / 16u; m++) {
+        coopStoreT((*acc)[ci * (DC / 16u) + m], &f_sh[sg * 16u * (max(BC, DC) + 4u) + m * 16u], max(BC, DC) + 4u);
+    }
+    workgroupBarrier();
+    if (write) {
         for (var e = lid; e < BR * (DC / 4u); e += THREADS) {
             let row = e / (DC / 4u);
             let c = 4u * (e % (DC / 4u));
-            if (q0 + row < P.seq_q) {
+            if (it.qt * BR + row < P.seq_q) {
                 let l_row = red[2u * row] + red[2u * row + 1u];
-                let inv = select(select(0.0, 1.0 / l_row, l_row > 0.0), nan_value(), l_row < NEG_CUT);
+                let inv = select(select(0.0, 1.0 / l_row, l_row > 0.0), nan_value(), row_spoiled(row));
                 let o = row * (max(BC, DC) + 4u) + c;
                 store_o4(it, dest_row(it, row), ci * DC + c, vec4<f32>(f_sh[o], f_sh[o + 1u], f_sh[o + 2u], f_sh[o + 3u]) * inv);
             }
         }
-        if (half == 0u && ci == 0u && q0 + r < P.seq_q) {
-            let l_row = red[2u * r] + red[2u * r + 1u];
-            store_lse(it, dest_row(it, r), m_i, l_row, l_row < NEG_CUT);
+    } else {
+        for (var j = 0u; j < DC / 2u; j++) {
+            f_sh[(lid / 2u) * (max(BC, DC) + 4u) + 2u * j + lid % 2u] *= alpha;
         }
-        workgroupBarrier();
     }
+    // Loaded back in both cases: cooperative loads need uniform control flow, and `write` is
+    // a parameter (an extra load once per work item at the end).
+    workgroupBarrier();
+    for (var m = 0u; m < DC / 16u; m++) {
+        (*acc)[ci * (DC / 16u) + m] = coopLoadT<coop_mat16x16<f32, C>>(&f_sh[sg * 16u * (max(BC, DC) + 4u) + m * 16u], max(BC, DC) + 4u);
+    }
+    workgroupBarrier();
+}
+
+// Whether either thread of row r found a NaN or +inf score (written to p_sh at the end).
+fn row_spoiled(r: u32) -> bool {
+    return p_sh[2u * r] != f16(0.0) || p_sh[2u * r + 1u] != f16(0.0);
 }

@@ -127,8 +127,10 @@ struct Chunk {
 /// computed tile multiplies the masked keys' zero probabilities by their V, and 0 × NaN (or × ∞)
 /// is NaN. So a non-finite V spreads to the rows of every tile that computes its key (partial
 /// tiles; every tile on the dense path), and to no row whose tiles skip it. Keep V finite on
-/// masked and padding keys. The backward pass reads the NaN log-sum-exp of such rows, but does
-/// not track non-finite values itself: train on finite inputs.
+/// masked and padding keys. Scores are computed in f32 (the reference uses f64), so finite
+/// inputs whose score overflows f32 behave as infinite ones there. The backward pass reads the
+/// NaN log-sum-exp of such rows, but does not track non-finite values itself: train on finite
+/// inputs.
 ///
 /// ```no_run
 /// use blockflash::{Gpu, Mask, Plan, PlanOptions, Shape};
@@ -179,17 +181,17 @@ struct Costs {
 
 /// The tensor-core kernel at d = 64 in nanoseconds of the whole H200 (132 SMs), by tile rows:
 /// (rows, work item, dense tile, full and partial tile of the sparse walk). A work item is a
-/// query tile's Q, first K/V tile and output. The 64- and 128-row shapes were fitted on
-/// 2026-12-01 (least squares on relative error, every row within ±13%) to the sparse plans of
-/// every family and of block-diagonal masks, `bench --path sparse --seq 16384 --batch 4
-/// --heads 32 --head-dim 64 --tile Rx32`, after Q came to be read in vec4 loads (BENCHMARKS.md);
+/// query tile's Q, first K/V tile and output. Fitted by least squares on relative error to the
+/// sparse plans of every family, `bench --path sparse --seq 16384 --batch 4 --heads 32
+/// --head-dim 64 --tile Rx32` (BENCHMARKS.md): the 128-row shape on 2026-12-01 at 07:35 UTC,
+/// after its accumulators left local memory (every family within ±5%; dense tile from the
+/// dense plan), the 64-row shape earlier that day (within ±13%, with five block-diagonal masks);
 /// the 32- and 16-row shapes earlier, from fewer masks, one tile cost for both kinds, with the
 /// Q load of one f16 per thread and step. More rows per workgroup share each K/V tile load and
-/// keep more warps busy, so a 64x32 tile costs less than a 32x32 one, not twice as much (at
-/// d = 128 the gap is wider still); 128-row tiles cost 1.7x a 64-row one per tile and 2.2x per
-/// work item, so they pay where query tiles walk many key tiles.
+/// keep more warps busy: a 128x32 tile costs about what a 64x32 one does and a 64x32 tile less
+/// than a 32x32 one, so the taller shapes win unless their longer work items dominate.
 const TENSOR_CORE_NS: [(usize, f64, f64, f64, f64); 4] = [
-    (128, 78.8, 19.7, 19.06, 22.30),
+    (128, 69.6, 11.2, 11.38, 12.77),
     (64, 36.2, 8.7, 11.32, 12.52),
     (32, 52.0, 12.3, 15.1, 15.1),
     (16, 52.0, 20.7, 24.5, 24.5),
@@ -1400,9 +1402,10 @@ mod tests {
     use super::*;
 
     /// The tensor-core cost model picks, for every mask family of the suite at N = 16384, the
-    /// tile shape that ran fastest on the H200 (BENCHMARKS.md, 2026-12-01), and the sparse path:
-    /// 128-row tiles where query tiles walk many key tiles, 64-row ones for the sparsest masks,
-    /// never the 32-row tiles the area-proportional model used to pick (1.75x to 2x slower).
+    /// tile shape that ran fastest on the H200 (BENCHMARKS.md, 2026-12-01 07:35 UTC: 128-row
+    /// tiles on every family at d = 64, 1.11x to 1.80x faster than 64-row ones), and the sparse
+    /// path; never the 32-row tiles the area-proportional model used to pick (1.75x to 2x
+    /// slower).
     #[test]
     fn tensor_core_plans_take_the_measured_fastest_tiles() {
         let limits = wgpu::Limits {
@@ -1411,16 +1414,15 @@ mod tests {
             max_compute_workgroup_size_x: 1024,
             ..Default::default()
         };
-        // Documents ran 7.48 ms at 128x32 against 7.81 at 64x32 (7.58 with the alternating
-        // order): close enough for either.
+        // Tree ran 2.35 ms at 128x32 against 2.62 at 64x32, BigBird 7.04 against 7.83.
         let fastest: [(&str, &[usize]); 8] = [
             ("causal", &[128]),
             ("sliding-window", &[128]),
-            ("documents", &[128, 64]),
+            ("documents", &[128]),
             ("prefix-lm", &[128]),
-            ("longformer", &[64]),
-            ("bigbird", &[64]),
-            ("tree", &[64]),
+            ("longformer", &[128]),
+            ("bigbird", &[128]),
+            ("tree", &[128]),
             ("random-blocks", &[128]),
         ];
         for d in [64, 128] {

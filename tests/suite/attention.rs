@@ -495,7 +495,7 @@ fn non_finite_values_reach_the_rows_that_attend_them_and_of_masked_keys_no_row_t
     // finite value first, so every NaN below was written by a kernel.
     let mut rng = Rng::fresh("non-finite");
     let (n, d) = (200, 64);
-    let shape = Shape::new(1, 3, n, d);
+    let shape = Shape::new(1, 4, n, d);
     let mask = Mask::causal(n, n).unwrap();
     let mut tiers = vec![
         (gpu(), Tier::PortableF32, Some(false)),
@@ -520,6 +520,10 @@ fn non_finite_values_reach_the_rows_that_attend_them_and_of_masked_keys_no_row_t
         // head 2: K of key 150 only (V finite), inside the walk of rows 150..: their scores
         // with it are NaN on a tile that is not their walk's first
         k[(2 * n + 150) * d + 7] = f32::NAN;
+        // head 3: K of key 2 infinite (+inf scores for rows whose Q is positive there, -inf
+        // for the others), then key 40 with a large K that makes later tiles rescale rows
+        k[(3 * n + 2) * d] = f32::INFINITY;
+        k[(3 * n + 40) * d + 1] = 2000.0;
         let (q, k, v) = (rounded(dtype, q), rounded(dtype, k), rounded(dtype, v));
         let want = reference::attention(&shape, &q, &k, &v, Some(&mask), None).unwrap();
         for (path, split) in [
@@ -536,18 +540,20 @@ fn non_finite_values_reach_the_rows_that_attend_them_and_of_masked_keys_no_row_t
                 ..Default::default()
             };
             let plan = Plan::new(g, shape, Some(&mask), options).unwrap();
+            assert_eq!(plan.describe().contains("split-KV"), split.is_some());
             let out = run_filled_on(g, &plan, &q, &k, &v, 7.0);
             let rows = plan.config().tile_rows;
             let what = format!(
                 "{tier} {rows}x{} {path:?} split {split:?} subgroups {subgroups:?}",
                 plan.config().tile_cols
             );
-            for h in 0..3 {
+            for h in 0..4 {
                 for row in 0..n {
                     let at = (h * n + row) * d;
                     let (got, w) = (&out.o[at..at + d], &want.o[at..at + d]);
                     let reaches = match h {
                         2 => row >= 150,
+                        3 => row >= 2 && q[at] >= 0.0,
                         _ => row == last,
                     };
                     assert_eq!(
@@ -567,6 +573,8 @@ fn non_finite_values_reach_the_rows_that_attend_them_and_of_masked_keys_no_row_t
                         // path every row
                         let err = rel_l2(got, w);
                         assert!(err < tolerance(dtype), "{what} head {h} row {row}: {err}");
+                    }
+                    if !reaches {
                         assert!(lse.is_finite(), "{what} head {h} row {row}: lse {lse}");
                     }
                 }
