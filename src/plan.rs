@@ -307,9 +307,13 @@ fn choose(
     })
 }
 
-/// The candidate whose dense walk over `shape` the cost model charges least (a plan without a
-/// mask).
+/// The tile shape of a plan without a mask: on the tensor-core tier the candidate whose dense
+/// walk over `shape` the cost model charges least (its model was fitted on the H200), on the
+/// portable tiers the first candidate (their model was never fitted on a GPU).
 fn cheapest_dense(candidates: &[KernelConfig], shape: &Shape) -> KernelConfig {
+    if candidates[0].tier != Tier::TensorCore {
+        return candidates[0];
+    }
     let cost = |c: &KernelConfig| {
         let q_tiles = shape.seq_q.div_ceil(c.tile_rows) as f64;
         let k_tiles = shape.seq_k.div_ceil(c.tile_cols) as f64;
@@ -530,7 +534,7 @@ impl Plan {
                 let c = cheapest_dense(&candidates, &shape);
                 let _ = writeln!(
                     why,
-                    "no mask: dense path, {}x{} tiles by the cost model",
+                    "no mask: dense path, {}x{} tiles",
                     c.tile_rows, c.tile_cols
                 );
                 (c, Path::Dense, None)

@@ -642,6 +642,13 @@ fn tensor_core_gradients_match_reference_on_every_family_path_and_shape() {
                 let described = plan.describe();
                 assert!(described.contains("(through a"), "{described}");
             }
+            let what = format!("tensor cores no mask {tile:?}");
+            let plan = check_backward_on(g, &what, &mut rng, shape, None, tc(None, tile));
+            assert!(
+                plan.describe().contains("(through a"),
+                "{}",
+                plan.describe()
+            );
             let per_batch = Mask::per_batch(vec![
                 family_mask("documents", 300, rng.next_u64()).unwrap(),
                 family_mask("sliding-window", 300, rng.next_u64()).unwrap(),
