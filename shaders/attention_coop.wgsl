@@ -35,10 +35,10 @@
 // Workgroup memory: tiles with padded rows (16 bytes) against bank conflicts; f_sh holds S each
 // key tile, and O in chunks of DC columns when rescaling and at the end (DC = D where that fits,
 // else BC: 64-row tiles then fit 48 KiB at d = 128, 128-row ones at d = 64). The chunks are
-// written out as calls with constant chunk numbers (o_chunks): as a loop with
-// barriers inside, the driver indexed the accumulators by the loop variable and kept them in
-// local memory (432 bytes a thread at 128x32 d = 64; out of it, the 128x32 dense plan ran 1.66x
-// faster on the H200). The Q tile passes through the K/V buffers first.
+// written out as calls with constant chunk numbers (o_chunks): as a loop with barriers inside,
+// the driver indexed the accumulators by the loop variable and kept them in local memory (432
+// bytes a thread at 128x32 d = 64; out of it, the 128x32 dense plan ran 1.66x faster on the
+// H200). The Q tile passes through the K/V buffers first.
 // Every workgroup variable here is an array: on the H100's Vulkan driver (580.159) a scalar
 // workgroup variable beside the cooperative-matrix tiles corrupted the results, so the rescale
 // flag lives in a slot of `red`.
