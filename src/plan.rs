@@ -197,6 +197,14 @@ const TENSOR_CORE_NS: [(usize, f64, f64, f64, f64); 4] = [
     (16, 52.0, 20.7, 24.5, 24.5),
 ];
 
+impl Costs {
+    /// One batch element's dense walk without mask bits: every query tile's work item and
+    /// every tile.
+    fn dense_walk(&self, q_tiles: usize, k_tiles: usize) -> f64 {
+        q_tiles as f64 * (self.item + k_tiles as f64 * self.dense)
+    }
+}
+
 fn costs(c: &KernelConfig) -> Costs {
     let (br, bc, d) = (c.tile_rows as f64, c.tile_cols as f64, c.head_dim as f64);
     if c.tier == Tier::TensorCore {
@@ -265,11 +273,12 @@ fn choose(
         let items = (bm.q_tiles() * bm.batches()) as f64 * c.item;
         // A mask that allows every pair runs the dense path without mask bits: the unmasked
         // kernel.
-        let dense_cost = if bm.full_tiles() == bm.total_tiles() {
-            items + tiles * c.dense
-        } else {
-            items + tiles * (c.dense + c.mask)
-        };
+        let dense_cost = bm.batches() as f64 * c.dense_walk(bm.q_tiles(), bm.k_tiles())
+            + if bm.full_tiles() == bm.total_tiles() {
+                0.0
+            } else {
+                tiles * c.mask
+            };
         let (full, partial) = (bm.full_tiles() as f64, bm.partial_tiles() as f64);
         let walk = |(f, p): (f64, f64)| items + full * f + partial * p;
         let mut options = vec![(Path::Dense, dense_cost), (Path::Sparse, walk(c.sparse))];
@@ -315,10 +324,10 @@ fn cheapest_dense(candidates: &[KernelConfig], shape: &Shape) -> KernelConfig {
         return candidates[0];
     }
     let cost = |c: &KernelConfig| {
-        let q_tiles = shape.seq_q.div_ceil(c.tile_rows) as f64;
-        let k_tiles = shape.seq_k.div_ceil(c.tile_cols) as f64;
-        let k = costs(c);
-        q_tiles * (k.item + k_tiles * k.dense)
+        costs(c).dense_walk(
+            shape.seq_q.div_ceil(c.tile_rows),
+            shape.seq_k.div_ceil(c.tile_cols),
+        )
     };
     *candidates
         .iter()

@@ -159,7 +159,7 @@ pub fn poisoned(gpu: &Gpu, e: DType, len: usize) -> wgpu::Buffer {
 pub fn filled(gpu: &Gpu, e: DType, len: usize, fill: f32) -> wgpu::Buffer {
     gpu.device()
         .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: Some("poisoned output"),
+            label: Some("output filled before a run"),
             contents: &e.encode(&vec![fill; len.max(1)]),
             usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
         })
