@@ -4,10 +4,15 @@
 // prologue enables f16 and wgpu_cooperative_matrix with Elem = f16. No subgroup operations here:
 // one NVIDIA driver crashes on modules that mix them with cooperative matrices.
 //
-// BR / 16 subgroups of 32 threads (THREADS = 2 BR); subgroup w computes query rows
-// [16 w, 16 w + 16) of the tile and keeps their Q fragments and O accumulators in registers
-// (D <= 16 * DT_CAP). For the softmax, threads 2r and 2r+1 own row r: columns 2j and 2j+1 of
-// it; each reads only its own columns.
+// SPLIT subgroups of 32 threads for each block of 16 query rows (THREADS = 2 SPLIT BR = TX BR):
+// subgroup w works on rows [16 b, 16 b + 16) of the tile, b = w / SPLIT, and as part
+// p = w % SPLIT of them computes keys [p BC / SPLIT, (p + 1) BC / SPLIT) of S and head-dim
+// columns [p D / SPLIT, (p + 1) D / SPLIT) of O; it keeps the block's Q fragments and its O
+// accumulators in registers (D <= 16 * DT_CAP). With SPLIT = 2 a thread holds half the
+// accumulators and half the scores, and twice the threads share the softmax: the dense plan
+// ran 1.97x faster at d = 128 (64x32 tiles) and 1.10x at d = 64 (128x32) on the H200. For the
+// softmax, the TX threads TX r .. TX r + TX - 1 own row r: thread TX r + i its columns
+// TX j + i; each reads only its own columns.
 //
 // Lazy rescaling: P = exp2(S - m) with a per-row reference max m that moves only when some
 // thread's columns exceed its row's m by more than RESCALE_GAP, so P <= 2^RESCALE_GAP stays well
@@ -49,10 +54,14 @@
 
 override PREFETCH: bool = false;
 override DC: u32 = 64u;        // head-dim columns of O staged in f_sh at once (divides D)
+override SPLIT: u32 = 1u;      // subgroups per 16 query rows (1 or 2)
+override TX: u32 = 2u * SPLIT; // threads per query row
+// Q rows staged in the K/V buffers at once at the start (all of them where they fit)
+override QROWS: u32 = select(BR, BR / 2u, BR > 3u * BC);
 
 const DT_CAP: u32 = 8u;        // max D / 16
 const KT_CAP: u32 = 4u;        // max BC / 16
-const HALF_CAP: u32 = 32u;     // max BC / 2
+const HALF_CAP: u32 = 32u;     // max BC / TX
 const KV_CAP: u32 = 8u;        // max BC * D / 4 / THREADS with PREFETCH
 const RESCALE_GAP: f32 = 8.0;
 
@@ -66,13 +75,13 @@ fn mask_word(i: u32) -> u32 {
 }
 
 // K, then the V buffers of even and odd steps; rows padded by 8. Q passes through it at the
-// start, so it holds at least BR rows.
-var<workgroup> kv_sh: array<f16, max(3u * BC, BR) * (D + 8u)>;
+// start (in two halves where BR > 3 BC).
+var<workgroup> kv_sh: array<f16, 3u * BC * (D + 8u)>;
 var<workgroup> p_sh: array<f16, BR * (BC + 8u)>;
 var<workgroup> f_sh: array<f32, BR * (max(BC, DC) + 4u)>;
 // each thread's tile max, then its l at the end; the rescale flags of even and odd walk
-// positions (pos) at 2 BR and 2 BR + 1
-var<workgroup> red: array<f32, 2u * BR + 4u>;
+// positions (pos) at TX BR and TX BR + 1
+var<workgroup> red: array<f32, TX * BR + 4u>;
 
 // Keys [key0, key0 + BC) of one K or V head, as this thread's share (zeros past the end).
 fn fetch(regs: ptr<function, array<vec4<f16>, KV_CAP>>, from_v: bool, head_base: u32, key0: u32, lid: u32) {
@@ -133,9 +142,10 @@ fn main(
     @builtin(local_invocation_index) lid: u32,
 ) {
     let it = work_item(wg, nwg, lid);
-    let sg = lid / 32u;
-    let r = lid / 2u;
-    let half = lid % 2u;
+    let blk = lid / 32u / SPLIT;
+    let part = lid / 32u % SPLIT;
+    let r = lid / TX;
+    let lane = lid % TX;
     let q0 = it.qt * BR;
     let hk = it.h / P.group;
 
@@ -151,25 +161,33 @@ fn main(
         fetch(&vr, true, kv_head, key0, lid);
     }
     let q_head = (it.b * P.heads + it.h) * P.seq_q * D;
-    for (var e = lid; e < BR * (D / 4u); e += THREADS) {
-        let row = e / (D / 4u);
-        var val = vec4<f16>(0.0);
-        if (q0 + row < P.seq_q) {
-            val = q_buf[(q_head + token(q0 + row) * D) / 4u + e % (D / 4u)];
-        }
-        put4(val, 0u, e);
-    }
     if (lid == 0u) {
-        red[2u * BR] = 0.0;
-        red[2u * BR + 1u] = 0.0;
+        red[TX * BR] = 0.0;
+        red[TX * BR + 1u] = 0.0;
     }
-    workgroupBarrier();
+    // Q through the K/V buffers, QROWS rows at a time; every subgroup loads in each pass (a
+    // cooperative load needs uniform control flow) and keeps the fragments of its own pass.
     var qa: array<coop_mat16x16<f16, A>, DT_CAP>;
-    for (var kk = 0u; kk < D / 16u; kk++) {
-        qa[kk] = coopLoadT<coop_mat16x16<f16, A>>(&kv_sh[sg * 16u * (D + 8u) + kk * 16u], D + 8u);
+    for (var qp = 0u; qp < BR / QROWS; qp++) {
+        for (var e = lid; e < QROWS * (D / 4u); e += THREADS) {
+            let row = qp * QROWS + e / (D / 4u);
+            var val = vec4<f16>(0.0);
+            if (q0 + row < P.seq_q) {
+                val = q_buf[(q_head + token(q0 + row) * D) / 4u + e % (D / 4u)];
+            }
+            put4(val, 0u, e);
+        }
+        workgroupBarrier();
+        for (var kk = 0u; kk < D / 16u; kk++) {
+            let f = coopLoadT<coop_mat16x16<f16, A>>(&kv_sh[(blk * 16u) % QROWS * (D + 8u) + kk * 16u], D + 8u);
+            if (blk * 16u / QROWS == qp) {
+                qa[kk] = f;
+            }
+        }
+        workgroupBarrier();
     }
     var acc: array<coop_mat16x16<f32, C>, DT_CAP>;
-    for (var n = 0u; n < D / 16u; n++) {
+    for (var n = 0u; n < D / 16u / SPLIT; n++) {
         acc[n] = coop_mat16x16<f32, C>();
     }
     var m_i = NEG;
@@ -180,7 +198,6 @@ fn main(
 
     // Once every subgroup has its Q fragments, the first tile goes into the K/V buffers
     // (without PREFETCH straight from global memory) and, with PREFETCH, the second is fetched.
-    workgroupBarrier();
     if (PREFETCH) {
         put(kr, 0u, lid);
         put(vr, kvt, lid);
@@ -208,24 +225,24 @@ fn main(
                 words[wi] = row_word(t, it, r, key0, wi);
             }
         }
-        // S in BC / 16 independent accumulator chains.
+        // This subgroup's BC / SPLIT columns of S in independent accumulator chains.
         var cs: array<coop_mat16x16<f32, C>, KT_CAP>;
-        for (var n = 0u; n < BC / 16u; n++) {
+        for (var n = 0u; n < BC / 16u / SPLIT; n++) {
             cs[n] = coop_mat16x16<f32, C>();
         }
         for (var kk = 0u; kk < D / 16u; kk++) {
-            for (var n = 0u; n < BC / 16u; n++) {
-                let b = coopLoad<coop_mat16x16<f16, B>>(&kv_sh[n * 16u * (D + 8u) + kk * 16u], D + 8u);
+            for (var n = 0u; n < BC / 16u / SPLIT; n++) {
+                let b = coopLoad<coop_mat16x16<f16, B>>(&kv_sh[(part * (BC / SPLIT) + n * 16u) * (D + 8u) + kk * 16u], D + 8u);
                 cs[n] = coopMultiplyAdd(qa[kk], b, cs[n]);
             }
         }
-        for (var n = 0u; n < BC / 16u; n++) {
-            coopStoreT(cs[n], &f_sh[sg * 16u * (max(BC, DC) + 4u) + n * 16u], max(BC, DC) + 4u);
+        for (var n = 0u; n < BC / 16u / SPLIT; n++) {
+            coopStoreT(cs[n], &f_sh[blk * 16u * (max(BC, DC) + 4u) + part * (BC / SPLIT) + n * 16u], max(BC, DC) + 4u);
         }
         workgroupBarrier();
         // The previous tile's flag was read before this barrier: clear its slot for the next.
         if (lid == 0u) {
-            red[2u * BR + 1u - pos % 2u] = 0.0;
+            red[TX * BR + 1u - pos % 2u] = 0.0;
         }
         // K of the next tile over this one's, V into the other V buffer; with PREFETCH, fetch
         // the tile after it.
@@ -246,11 +263,11 @@ fn main(
             copy_kv(true, kv_head, key1, vb_next, lid);
         }
 
-        // Scale into log2 units and mask this thread's columns 2j + half; the maximum over
+        // Scale into log2 units and mask this thread's columns TX j + lane; the maximum over
         // four independent chains.
         var mx4 = vec4<f32>(NEG);
-        for (var j = 0u; j < BC / 2u; j++) {
-            let col = 2u * j + half;
+        for (var j = 0u; j < BC / TX; j++) {
+            let col = TX * j + lane;
             let key = key0 + col;
             var x = f_sh[r * (max(BC, DC) + 4u) + col] * P.scale_log2;
             if (masked && (key >= P.seq_k || q0 + r >= P.seq_q || ((words[col / 32u] >> (col % 32u)) & 1u) == 0u)) {
@@ -265,26 +282,29 @@ fn main(
         // The flag says 2 on the work item's first tile, where the accumulators are still zero
         // and need no rescaling.
         if (mx > m_i + RESCALE_GAP) {
-            red[2u * BR + pos % 2u] = select(1.0, 2.0, pos == it.first);
+            red[TX * BR + pos % 2u] = select(1.0, 2.0, pos == it.first);
         }
         // P with the current reference max, before the flag is read. Where no thread sets the
         // flag, every score is at most m_i + RESCALE_GAP; where one does, every row writes P
         // again below. The clamp only keeps the discarded values finite (on the first tile m_i
         // is NEG); NaN scores are caught by `watch`, not here.
         var ps = 0.0;
-        for (var j = 0u; j < BC / 2u; j++) {
+        for (var j = 0u; j < BC / TX; j++) {
             let e = sv[j] - m_i;
             let p = select(exp2(min(e, RESCALE_GAP)), 0.0, sv[j] <= NEG_CUT);
-            p_sh[r * (BC + 8u) + 2u * j + half] = f16(p);
+            p_sh[r * (BC + 8u) + TX * j + lane] = f16(p);
             ps += p;
         }
-        let flag = workgroupUniformLoad(&red[2u * BR + pos % 2u]);
+        let flag = workgroupUniformLoad(&red[TX * BR + pos % 2u]);
         if (flag != 0.0) {
-            let m_new = max(m_i, max(mx, red[lid ^ 1u]));
+            var m_new = m_i;
+            for (var i = 0u; i < TX; i++) {
+                m_new = max(m_new, red[r * TX + i]);
+            }
             ps = 0.0;
-            for (var j = 0u; j < BC / 2u; j++) {
+            for (var j = 0u; j < BC / TX; j++) {
                 let p = select(exp2(sv[j] - m_new), 0.0, sv[j] <= NEG_CUT);
-                p_sh[r * (BC + 8u) + 2u * j + half] = f16(p);
+                p_sh[r * (BC + 8u) + TX * j + lane] = f16(p);
                 ps += p;
             }
             if (flag == 1.0) {
@@ -298,11 +318,11 @@ fn main(
         l_i += ps;
 
         for (var kk = 0u; kk < BC / 16u; kk++) {
-            pa[kk] = coopLoadT<coop_mat16x16<f16, A>>(&p_sh[sg * 16u * (BC + 8u) + kk * 16u], BC + 8u);
+            pa[kk] = coopLoadT<coop_mat16x16<f16, A>>(&p_sh[blk * 16u * (BC + 8u) + kk * 16u], BC + 8u);
         }
-        for (var n = 0u; n < D / 16u; n++) {
+        for (var n = 0u; n < D / 16u / SPLIT; n++) {
             for (var kk = 0u; kk < BC / 16u; kk++) {
-                let b = coopLoadT<coop_mat16x16<f16, B>>(&kv_sh[vb + kk * 16u * (D + 8u) + n * 16u], D + 8u);
+                let b = coopLoadT<coop_mat16x16<f16, B>>(&kv_sh[vb + kk * 16u * (D + 8u) + part * (D / SPLIT) + n * 16u], D + 8u);
                 acc[n] = coopMultiplyAdd(pa[kk], b, acc[n]);
             }
         }
@@ -315,16 +335,17 @@ fn main(
     red[lid] = l_i;
     p_sh[lid] = select(f16(0.0), f16(1.0), spoiled(watch));
     o_chunks(&acc, lid, it, 1.0, true);
-    if (lid % 2u == 0u && it.qt * BR + lid / 2u < P.seq_q) {
-        let r = lid / 2u;
-        store_lse(it, dest_row(it, r), m_i, red[2u * r] + red[2u * r + 1u], row_spoiled(r));
+    if (lane == 0u && q0 + r < P.seq_q) {
+        store_lse(it, dest_row(it, r), m_i, row_sum(r), row_spoiled(r));
     }
 }
 
-// O through f_sh in head-dim chunks of DC columns: each row scaled by `alpha` and loaded back
-// (a rescale), or written out normalised (`write`, at the end). Every chunk is a call with a
-// constant chunk number (D / DC <= 4): as a loop around the barriers, the accumulators were
-// indexed by the loop variable and stayed in local memory.
+// O through f_sh in chunks of DC head-dim columns: each row scaled by `alpha` and loaded back
+// (a rescale), or written out normalised (`write`, at the end). Chunk ci holds DC / SPLIT
+// columns of each subgroup's part of the row: f_sh column c is O column
+// (c / (DC / SPLIT)) (D / SPLIT) + ci (DC / SPLIT) + c % (DC / SPLIT). Every chunk is a call
+// with a constant chunk number (D / DC <= 4): as a loop around the barriers, the accumulators
+// were indexed by the loop variable and stayed in local memory.
 fn o_chunks(acc: ptr<function, array<coop_mat16x16<f32, C>, DT_CAP>>, lid: u32, it: Item, alpha: f32, write: bool) {
     o_chunk(acc, 0u, lid, it, alpha, write);
     if (D / DC > 1u) {
@@ -339,9 +360,10 @@ fn o_chunks(acc: ptr<function, array<coop_mat16x16<f32, C>, DT_CAP>>, lid: u32, 
 }
 
 fn o_chunk(acc: ptr<function, array<coop_mat16x16<f32, C>, DT_CAP>>, ci: u32, lid: u32, it: Item, alpha: f32, write: bool) {
-    let sg = lid / 32u;
-    for (var m = 0u; m < DC / 16u; m++) {
-        coopStoreT((*acc)[ci * (DC / 16u) + m], &f_sh[sg * 16u * (max(BC, DC) + 4u) + m * 16u], max(BC, DC) + 4u);
+    let at = lid / 32u / SPLIT * 16u * (max(BC, DC) + 4u) + lid / 32u % SPLIT * (DC / SPLIT);
+    let frags = DC / 16u / SPLIT;
+    for (var m = 0u; m < frags; m++) {
+        coopStoreT((*acc)[ci * frags + m], &f_sh[at + m * 16u], max(BC, DC) + 4u);
     }
     workgroupBarrier();
     if (write) {
@@ -349,27 +371,41 @@ fn o_chunk(acc: ptr<function, array<coop_mat16x16<f32, C>, DT_CAP>>, ci: u32, li
             let row = e / (DC / 4u);
             let c = 4u * (e % (DC / 4u));
             if (it.qt * BR + row < P.seq_q) {
-                let l_row = red[2u * row] + red[2u * row + 1u];
+                let l_row = row_sum(row);
                 let inv = select(select(0.0, 1.0 / l_row, l_row > 0.0), nan_value(), row_spoiled(row));
                 let o = row * (max(BC, DC) + 4u) + c;
-                store_o4(it, dest_row(it, row), ci * DC + c, vec4<f32>(f_sh[o], f_sh[o + 1u], f_sh[o + 2u], f_sh[o + 3u]) * inv);
+                let col = c / (DC / SPLIT) * (D / SPLIT) + ci * (DC / SPLIT) + c % (DC / SPLIT);
+                store_o4(it, dest_row(it, row), col, vec4<f32>(f_sh[o], f_sh[o + 1u], f_sh[o + 2u], f_sh[o + 3u]) * inv);
             }
         }
     } else {
-        for (var j = 0u; j < DC / 2u; j++) {
-            f_sh[(lid / 2u) * (max(BC, DC) + 4u) + 2u * j + lid % 2u] *= alpha;
+        for (var j = 0u; j < DC / TX; j++) {
+            f_sh[(lid / TX) * (max(BC, DC) + 4u) + TX * j + lid % TX] *= alpha;
         }
     }
     // Loaded back in both cases: cooperative loads need uniform control flow, and `write` is
     // a parameter (an extra load once per work item at the end).
     workgroupBarrier();
-    for (var m = 0u; m < DC / 16u; m++) {
-        (*acc)[ci * (DC / 16u) + m] = coopLoadT<coop_mat16x16<f32, C>>(&f_sh[sg * 16u * (max(BC, DC) + 4u) + m * 16u], max(BC, DC) + 4u);
+    for (var m = 0u; m < frags; m++) {
+        (*acc)[ci * frags + m] = coopLoadT<coop_mat16x16<f32, C>>(&f_sh[at + m * 16u], max(BC, DC) + 4u);
     }
     workgroupBarrier();
 }
 
-// Whether either thread of row r found a NaN or +inf score (written to p_sh at the end).
+// Row r's sum of P over its threads' slots of `red` (written at the end).
+fn row_sum(r: u32) -> f32 {
+    var l = 0.0;
+    for (var i = 0u; i < TX; i++) {
+        l += red[TX * r + i];
+    }
+    return l;
+}
+
+// Whether any thread of row r found a NaN or +inf score (written to p_sh at the end).
 fn row_spoiled(r: u32) -> bool {
-    return p_sh[2u * r] != f16(0.0) || p_sh[2u * r + 1u] != f16(0.0);
+    var any = false;
+    for (var i = 0u; i < TX; i++) {
+        any = any || p_sh[TX * r + i] != f16(0.0);
+    }
+    return any;
 }

@@ -545,9 +545,10 @@ const ACC_CAP: usize = 16;
 
 /// A tile configuration of a kernel: its tier, `tile_rows` × `tile_cols` tiles, and its thread
 /// layout. Portable tiers hold a head-dim chunk of `dc` columns of K/V in workgroup memory and
-/// run a `tx` × `ty` thread grid; the tensor-core tier runs `tile_rows / 16` subgroups of 32
-/// (`tx` = 2 threads per row, `ty` = `tile_rows`), holds all of d, and stages the output
-/// through workgroup memory `dc` columns at a time (d, or `tile_cols` where d does not fit).
+/// run a `tx` × `ty` thread grid; the tensor-core tier runs `tx / 2` subgroups of 32 for each
+/// 16 query rows (`tx` threads per row, `ty` = `tile_rows`), each computing its share of the
+/// keys of S and of the head dim of O, and stages the output through workgroup memory `dc`
+/// columns at a time (d, or `tile_cols` where d does not fit).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct KernelConfig {
     /// The kernel tier.
@@ -606,14 +607,13 @@ impl KernelConfig {
             Tier::PortableF32 | Tier::PortableF16 | Tier::PortableBf16 => {
                 4 * (br * d + bc * (dc + 4) + br * bc + 2 * br * self.tx) + WALK_BYTES
             }
-            // kv_sh (three f16 tiles of bc rows padded by 8, at least br rows: Q passes through
-            // it); p_sh (f16, rows padded by 8); f_sh (f32, rows of max(bc, dc) + 4); red
-            // (2 br + 4 f32); walk
+            // kv_sh (three f16 tiles of bc rows padded by 8); p_sh (f16, rows padded by 8);
+            // f_sh (f32, rows of max(bc, dc) + 4); red (tx br + 4 f32); walk
             Tier::TensorCore => {
-                2 * (3 * bc).max(br) * (d + 8)
+                2 * 3 * bc * (d + 8)
                     + 2 * br * (bc + 8)
                     + 4 * br * (bc.max(dc) + 4)
-                    + 4 * (2 * br + 4)
+                    + 4 * (self.tx * br + 4)
                     + WALK_BYTES
             }
         }
@@ -658,14 +658,15 @@ impl KernelConfig {
             return fits
                 && br.is_multiple_of(16)
                 && bc.is_multiple_of(32)
-                && bc / 2 <= HALF_CAP
+                && bc / tx <= HALF_CAP
                 && bc <= 64
                 && br <= 4 * bc
                 && d.is_multiple_of(16)
                 && d / 16 <= TENSOR_CORE_DT_CAP
                 && (dc == d || dc == bc)
                 && d.is_multiple_of(dc)
-                && (tx, ty) == (2, br);
+                && ty == br
+                && (tx == 2 || (tx == 4 && dc.is_multiple_of(32)));
         }
         let tm = br / ty;
         fits && br.is_multiple_of(ty)
@@ -683,21 +684,24 @@ impl KernelConfig {
     /// first (portable ones with the largest head-dim chunk that fits).
     pub fn candidates(limits: &wgpu::Limits, tier: Tier, head_dim: usize) -> Vec<KernelConfig> {
         if tier == Tier::TensorCore {
-            // O staged whole where it fits, else in chunks of bc columns.
+            // Two subgroups per 16 rows where they fit, else one; O staged whole where it
+            // fits, else in chunks of bc columns.
             return TENSOR_CORE
                 .iter()
                 .filter_map(|&(br, bc)| {
-                    [head_dim, bc].into_iter().find_map(|dc| {
-                        let c = KernelConfig {
-                            tier,
-                            tile_rows: br,
-                            tile_cols: bc,
-                            head_dim,
-                            dc,
-                            tx: 2,
-                            ty: br,
-                        };
-                        c.valid(limits).then_some(c)
+                    [4, 2].into_iter().find_map(|tx| {
+                        [head_dim, bc].into_iter().find_map(|dc| {
+                            let c = KernelConfig {
+                                tier,
+                                tile_rows: br,
+                                tile_cols: bc,
+                                head_dim,
+                                dc,
+                                tx,
+                                ty: br,
+                            };
+                            c.valid(limits).then_some(c)
+                        })
                     })
                 })
                 .collect();
@@ -971,6 +975,7 @@ impl PipelineCache {
             constants.extend([
                 ("PREFETCH", k.prefetch() as u32 as f64),
                 ("DC", k.dc as f64),
+                ("SPLIT", (k.tx / 2) as f64),
             ]);
         } else {
             constants.extend([

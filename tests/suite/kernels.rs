@@ -29,7 +29,9 @@ fn declared_workgroup_bytes(tier: Tier, c: &KernelConfig) -> u32 {
         ("THREADS", c.threads()),
     ];
     constants.push(("DC", c.dc));
-    if tier != Tier::TensorCore {
+    if tier == Tier::TensorCore {
+        constants.push(("SPLIT", c.tx / 2));
+    } else {
         constants.push(("TX", c.tx));
     }
     declared_bytes(&module_source(tier, true), "main", &constants)
@@ -117,6 +119,7 @@ fn host_workgroup_budget_matches_the_shaders_declarations() {
                         ("D", c.head_dim),
                         ("THREADS", c.threads()),
                         ("DC", c.dc),
+                        ("SPLIT", c.tx / 2),
                     ];
                     let emulated =
                         declared_bytes(&emulated_tensor_core_source(), "main", &constants);
