@@ -119,6 +119,38 @@ fn limited_gpu(limits: impl FnOnce(wgpu::Limits) -> wgpu::Limits) -> Gpu {
     Gpu::from_device(device, queue, adapter.get_info(), Vec::new())
 }
 
+/// A device with the adapter's `SHADER_F16`, `SUBGROUP` and cooperative matrices where it offers
+/// them, and `limits` applied to its own limits.
+pub fn limited_gpu_with_features(limits: impl FnOnce(wgpu::Limits) -> wgpu::Limits) -> Gpu {
+    let adapter = pollster::block_on(
+        wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env())
+            .request_adapter(&Default::default()),
+    )
+    .expect("adapter");
+    let coop = wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX;
+    let features =
+        adapter.features() & (wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP | coop);
+    let experimental = if features.contains(coop) {
+        // SAFETY: the kernels use only configurations the adapter reports, as Gpu::new does.
+        unsafe { wgpu::ExperimentalFeatures::enabled() }
+    } else {
+        wgpu::ExperimentalFeatures::disabled()
+    };
+    let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+        required_features: features,
+        required_limits: limits(adapter.limits()),
+        experimental_features: experimental,
+        ..Default::default()
+    }))
+    .expect("device");
+    let configs = if features.contains(coop) {
+        adapter.cooperative_matrix_properties()
+    } else {
+        Vec::new()
+    };
+    Gpu::from_device(device, queue, adapter.get_info(), configs)
+}
+
 /// A band |i - j| <= `width` whose tokens were randomly shuffled: scattered tiles that Reverse
 /// Cuthill–McKee can pack again.
 pub fn shuffled_band(rng: &mut Rng, n: usize, width: usize) -> Mask {

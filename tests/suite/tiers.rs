@@ -12,8 +12,9 @@ use blockflash::{Error, KernelConfig, Mask, Path, Plan, PlanOptions, Reorder, Sh
 use blockflash::Gpu;
 
 use crate::common::{
-    assert_close, check_case_on, emulated_gpu, gpu, head_dims_with_tiles, inputs, rounded,
-    run_poisoned_on, shuffled_band, tier_or_skip, tolerance, Rng,
+    assert_close, check_case_on, emulated_gpu, gpu, head_dims_with_tiles, inputs,
+    limited_gpu_with_features, rounded, run_poisoned_on, shuffled_band, tier_or_skip, tolerance,
+    Rng,
 };
 
 fn opts(tier: Tier, path: Option<Path>) -> PlanOptions {
@@ -267,6 +268,69 @@ fn tensor_core_matches_reference_on_head_dims_lengths_splits_and_reordering() {
     if tier_or_skip(Tier::TensorCore) {
         shapes_head_dims_and_splits(gpu(), Tier::TensorCore);
     }
+}
+
+/// Both layouts of the tensor-core kernel: one subgroup per 16 query rows (SPLIT = 1) and two
+/// (SPLIT = 2). With the H200's own limits every tile takes two; on a device allowing 256
+/// invocations per workgroup its 128-row tiles take one. Without cooperative matrices
+/// (lavapipe) the products are emulated and 64 invocations make 32-row tiles take one.
+#[test]
+fn tensor_core_with_one_and_two_subgroups_per_16_rows_matches_reference() {
+    let coop = gpu()
+        .features()
+        .contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX);
+    let invocations = if coop { 256 } else { 64 };
+    let g = limited_gpu_with_features(|l| wgpu::Limits {
+        max_compute_invocations_per_workgroup: invocations,
+        max_compute_workgroup_size_x: invocations,
+        ..l
+    })
+    .with_tensor_core_emulation();
+    if let Err(e) = g.supports(Tier::TensorCore) {
+        panic!("tensor cores, real or emulated, need SHADER_F16: {e}");
+    }
+    let mut rng = Rng::fresh(&format!("tensor cores at {invocations} invocations"));
+    let mut splits = std::collections::BTreeSet::new();
+    for d in head_dims_with_tiles(&g, Tier::TensorCore, "tensor-core-f16, fewer invocations") {
+        for c in KernelConfig::candidates(&g.limits(), Tier::TensorCore, d) {
+            splits.insert(c.tx / 2);
+            let shape = Shape {
+                batch: 1,
+                heads: 4,
+                kv_heads: 2,
+                seq_q: 200,
+                seq_k: 257,
+                head_dim: d,
+            };
+            let forced = PlanOptions {
+                tile: Some((c.tile_rows, c.tile_cols)),
+                ..opts(Tier::TensorCore, None)
+            };
+            let mask = family_mask("documents", 257, 3).unwrap();
+            let mask = Mask::from_fn(200, 257, |i, j| mask.get(0, i, j)).unwrap();
+            check_case_on(
+                &g,
+                &format!("d={d} {c:?}"),
+                &mut rng,
+                shape,
+                Some(&mask),
+                forced.clone(),
+            );
+            check_case_on(
+                &g,
+                &format!("d={d} {c:?} dense"),
+                &mut rng,
+                shape,
+                None,
+                forced,
+            );
+        }
+    }
+    assert_eq!(
+        splits.into_iter().collect::<Vec<_>>(),
+        [1, 2],
+        "both kernel layouts ran"
+    );
 }
 
 /// Where the adapter has no cooperative matrices (lavapipe), the tensor-core kernel's tiles,
