@@ -7,7 +7,8 @@ What it measures, for B4 H32 d64 and B2 H16 d128 at N = 4096 and 16384 and each 
 * blockflash: `blockflash bench --mask K --precision f16 --repeat 10` (`--mask full` for none):
   GPU-timestamp medians of the masked plan and of blockflash's own dense plan on the same inputs,
   its tier, active-tile fraction and own check against the f64 reference on sampled rows. At d64
-  N4096 each mask runs once more with `--tier portable-f16` (rows marked [pf16]).
+  and the smallest N each mask runs once more with `--tier portable-f16` (rows marked [pf16];
+  not with --no-portable).
 * PyTorch on the same mask (`blockflash mask --out`: bit for bit the mask blockflash benches):
   `scaled_dot_product_attention` without a mask (`is_causal=True` for causal); SDPA with the bool
   mask [1, 1, N, N] (efficient/cuDNN kernels: every tile computed, the mask-unaware baseline); and
@@ -38,7 +39,7 @@ Run on the GPU machine (PyTorch 2.11 + Triton + numpy, no network), after the Vu
 
     python3 benches/peers.py --blockflash target/release/blockflash --out $OUT/peers [--quick]
 
---quick: N=4096 and five masks. --dry-run: print the blockflash commands only. Failures print
+--quick: N=4096 and five masks. --no-portable: no [pf16] rows. --dry-run: print the blockflash commands only. Failures print
 "n/a (reason)" and the run goes on; past --budget seconds (default 540) what is left is skipped
 (forward first, so the forward tables always finish), so the script stays inside one 10-minute
 device call. Results are rewritten after each block.
@@ -501,6 +502,8 @@ def main():
     ap.add_argument("--repeat", type=int, default=10, help="blockflash bench --repeat")
     ap.add_argument("--no-backward", action="store_true", help="forward tables only")
     ap.add_argument("--no-forward", action="store_true", help="forward + backward tables only")
+    ap.add_argument("--no-portable", action="store_true",
+                    help="no [pf16] rows (the portable f16 tier takes most of the forward's time)")
     ap.add_argument("--backward-repeat", type=int, default=3,
                     help="blockflash bench --backward --repeat")
     ap.add_argument("--seqs", help="comma-separated N (testing; default 4096,16384)")
@@ -546,7 +549,7 @@ def main():
         for b, h, d in configs:
             title = f"B{b} H{h} d{d}, N={n}"
             log(f"\n== {title} ({time.time() - T0:.0f} s)")
-            rows = blockflash_rows(args, masks, n, b, h, d, tc=state["tc"] and (d, n) == (64, min(seqs)))
+            rows = blockflash_rows(args, masks, n, b, h, d, tc=state["tc"] and not args.no_portable and (d, n) == (64, min(seqs)))
             state["tc"] &= not any("unavailable" in str(r.get("bf")) for r in rows if "variant" in r)
             if peers:
                 torch_columns(args, peers, masks, rows, n, b, h, d)
