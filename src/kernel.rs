@@ -583,8 +583,8 @@ const PORTABLE: [(usize, usize, usize, usize); 8] = [
 /// Tensor-core tile shapes (rows, cols); plans take the cost model's choice among them. The
 /// kernel walks 32 keys at a time: with its three K/V buffers, 64-key tiles do not fit 48 KiB of
 /// workgroup memory at d = 64, and they measured slower with its earlier single-buffer form (see
-/// BENCHMARKS.md). 128-row tiles share each K/V tile among eight subgroups; they fit 48 KiB up
-/// to d = 64 (output staged in 32-column chunks).
+/// BENCHMARKS.md). 128-row tiles share each K/V tile among eight blocks of 16 rows; they fit
+/// 48 KiB up to d = 64 (output staged in 32-column chunks).
 const TENSOR_CORE: [(usize, usize); 4] = [(64, 32), (128, 32), (32, 32), (16, 32)];
 /// Most head-dim blocks of 16 the tensor-core kernel holds in registers (its DT_CAP).
 const TENSOR_CORE_DT_CAP: usize = 8;

@@ -186,13 +186,16 @@ struct Costs {
 /// --head-dim 64 --tile Rx32` (BENCHMARKS.md): the 128-row shape on 2026-12-01 at 07:35 UTC,
 /// after its accumulators left local memory (every family within ±5%; dense tile from the
 /// dense plan), the 64-row shape earlier that day (within ±13%, with five block-diagonal masks);
-/// the 32- and 16-row shapes earlier, from fewer masks, one tile cost for both kinds, with the
-/// Q load of one f16 per thread and step. More rows per workgroup share each K/V tile load and
-/// keep more warps busy: a 128x32 tile costs about what a 64x32 one does and a 64x32 tile less
-/// than a 32x32 one, so the taller shapes win unless their longer work items dominate.
+/// both scaled on 2026-12-02 to the kernel with two subgroups per 16 rows (128 rows by 0.938,
+/// every family within ±4%; 64 rows by 0.762, causal, documents and tree within ±8%; dense
+/// tiles from the dense plans); the 32- and 16-row shapes earlier, from fewer masks, one tile
+/// cost for both kinds, with the Q load of one f16 per thread and step and one subgroup per 16
+/// rows. More rows per workgroup share each K/V tile load: a 128x32 tile costs a little more
+/// than a 64x32 one and a 64x32 tile less than a 32x32 one, so the taller shapes win unless
+/// their longer work items dominate (the tree mask takes 64x32).
 const TENSOR_CORE_NS: [(usize, f64, f64, f64, f64); 4] = [
-    (128, 69.6, 11.2, 11.38, 12.77),
-    (64, 36.2, 8.7, 11.32, 12.52),
+    (128, 65.3, 10.2, 10.67, 11.98),
+    (64, 27.6, 7.0, 8.63, 9.54),
     (32, 52.0, 12.3, 15.1, 15.1),
     (16, 52.0, 20.7, 24.5, 24.5),
 ];
@@ -1435,10 +1438,9 @@ mod tests {
     use super::*;
 
     /// The tensor-core cost model picks, for every mask family of the suite at N = 16384, the
-    /// tile shape that ran fastest on the H200 (BENCHMARKS.md, 2026-12-01 07:35 UTC: 128-row
-    /// tiles on every family at d = 64, 1.11x to 1.80x faster than 64-row ones), and the sparse
-    /// path; never the 32-row tiles the area-proportional model used to pick (1.75x to 2x
-    /// slower).
+    /// tile shape that ran fastest on the H200 (BENCHMARKS.md, 2026-12-02: 128-row tiles at
+    /// d = 64 but for the tree mask), and the sparse path; never the 32-row tiles the
+    /// area-proportional model used to pick (1.75x to 2x slower).
     #[test]
     fn tensor_core_plans_take_the_measured_fastest_tiles() {
         let limits = wgpu::Limits {
@@ -1447,15 +1449,19 @@ mod tests {
             max_compute_workgroup_size_x: 1024,
             ..Default::default()
         };
-        // Tree ran 2.35 ms at 128x32 against 2.62 at 64x32, BigBird 7.04 against 7.83.
+        // Tree ran 2.12 ms at 64x32 against 2.20 at 128x32, documents 5.62 against 4.47,
+        // causal 68.9 against 48.2 (H200, 2026-12-02). BigBird was not run at 64x32 with two
+        // subgroups per 16 rows: the model takes 64x32 (7.83 ms there against 7.04 at 128x32
+        // with one, and the 64-row tiles gained 1.24x to 1.35x from the second, the 128-row
+        // ones 1.08x).
         let fastest: [(&str, &[usize]); 8] = [
             ("causal", &[128]),
             ("sliding-window", &[128]),
             ("documents", &[128]),
             ("prefix-lm", &[128]),
             ("longformer", &[128]),
-            ("bigbird", &[128]),
-            ("tree", &[128]),
+            ("bigbird", &[64, 128]),
+            ("tree", &[64]),
             ("random-blocks", &[128]),
         ];
         for d in [64, 128] {
@@ -1468,7 +1474,8 @@ mod tests {
                 &[64, 32, 16]
             };
             assert_eq!(rows, want, "d = {d}");
-            // Without a mask: the dense plan ran 24.0 ms at 128x32 against 35.9 at 64x32.
+            // Without a mask: the dense plan ran 86.7 ms at 128x32 against 118.5 at 64x32
+            // (N = 16384).
             let dense = cheapest_dense(&candidates, &Shape::new(4, 32, 16384, d));
             assert_eq!(dense.tile_rows, if d == 64 { 128 } else { 64 }, "d = {d}");
             for (family, best) in fastest {
