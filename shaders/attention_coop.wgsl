@@ -16,7 +16,7 @@
 //
 // Lazy rescaling: P = exp2(S - m) with a per-row reference max m that moves only when some
 // thread's columns exceed its row's m by more than RESCALE_GAP, so P <= 2^RESCALE_GAP stays well
-// inside f16. Only then are the row's maximum (the two threads' halves, exchanged through `red`)
+// inside f16. Only then are the row's maximum (its TX threads' shares, exchanged through `red`)
 // needed and the accumulators rescaled, through workgroup memory by the threads; after the
 // first key tiles of a row that is rare (reading each score once, not the whole row per thread,
 // made the dense kernel 1.23x faster at d = 64 on the H200).
@@ -35,7 +35,8 @@
 // (this made the dense kernel 1.04x faster at 64x32 and 128x32 on the H200).
 //
 // At the end, the threads write O row-major and coalesced: consecutive threads write
-// consecutive vec4 of one row (DC / 4 threads per row) rather than two threads a row.
+// consecutive vec4 of one row (DC / 4 threads per row, contiguous in O over runs of DC / SPLIT
+// columns) rather than TX threads a row.
 //
 // Workgroup memory: tiles with padded rows (16 bytes) against bank conflicts; f_sh holds S each
 // key tile, and O in chunks of DC columns when rescaling and at the end (DC = D where that fits,
@@ -56,7 +57,8 @@ override PREFETCH: bool = false;
 override DC: u32 = 64u;        // head-dim columns of O staged in f_sh at once (divides D)
 override SPLIT: u32 = 1u;      // subgroups per 16 query rows (1 or 2)
 override TX: u32 = 2u * SPLIT; // threads per query row
-// Q rows staged in the K/V buffers at once at the start (all of them where they fit)
+// Q rows staged in the K/V buffers at once at the start (all of them where they fit; the
+// host keeps BR / 2 a multiple of 16 where they do not)
 override QROWS: u32 = select(BR, BR / 2u, BR > 3u * BC);
 
 const DT_CAP: u32 = 8u;        // max D / 16
@@ -152,7 +154,7 @@ fn main(
     let kv_head = (it.b * (P.heads / P.group) + hk) * P.seq_k * D;
     let kvt = BC * (D + 8u);
     // With PREFETCH the first K/V tile is fetched into registers before Q is read, so that the
-    // two wait for global memory together (Q passes through the K buffer).
+    // two wait for global memory together (Q passes through the K/V buffers).
     var kr: array<vec4<f16>, KV_CAP>;
     var vr: array<vec4<f16>, KV_CAP>;
     if (PREFETCH && it.first < it.end) {
@@ -329,8 +331,8 @@ fn main(
     }
     // Each thread's row sum, and in p_sh (free now) whether its scores were spoiled (NaN or
     // +inf). The verdict has slots of its own: a row sum can be NaN on a healthy thread too
-    // (its reference max is +inf from its partner's score, and a later rescale of the
-    // workgroup multiplies by exp2(inf - inf)).
+    // (its reference max is +inf from another thread's score in its row, and a later rescale
+    // of the workgroup multiplies by exp2(inf - inf)).
     workgroupBarrier();
     red[lid] = l_i;
     p_sh[lid] = select(f16(0.0), f16(1.0), spoiled(watch));

@@ -661,6 +661,8 @@ impl KernelConfig {
                 && bc / tx <= HALF_CAP
                 && bc <= 64
                 && br <= 4 * bc
+                // Q staged in two halves of whole 16-row blocks where it outgrows the K/V buffers
+                && (br <= 3 * bc || br.is_multiple_of(32))
                 && d.is_multiple_of(16)
                 && d / 16 <= TENSOR_CORE_DT_CAP
                 && (dc == d || dc == bc)

@@ -94,39 +94,60 @@ fn specialised(src: &str, entry: &str, constants: &[(&str, usize)]) -> naga::Mod
 
 #[test]
 fn host_workgroup_budget_matches_the_shaders_declarations() {
-    let limits = wgpu::Limits {
-        max_compute_workgroup_storage_size: 1 << 20,
-        max_compute_invocations_per_workgroup: 1024,
-        max_compute_workgroup_size_x: 1024,
-        ..wgpu::Limits::default()
-    };
-    for tier in TIERS {
-        for d in blockflash::shape::HEAD_DIMS {
-            for c in KernelConfig::candidates(&limits, tier, d) {
-                let declared = declared_workgroup_bytes(tier, &c) as usize;
-                assert_eq!(
-                    declared,
-                    c.workgroup_bytes(),
-                    "{tier} {c:?}: the shader declares {declared} bytes, the host budgets {}",
-                    c.workgroup_bytes()
-                );
-                // Gpu::with_tensor_core_emulation leaves room for 128 invocations' scratch and
-                // offers no wider workgroups.
-                if tier == Tier::TensorCore && c.threads() <= 128 {
-                    let constants = [
-                        ("BR", c.tile_rows),
-                        ("BC", c.tile_cols),
-                        ("D", c.head_dim),
-                        ("THREADS", c.threads()),
-                        ("DC", c.dc),
-                        ("SPLIT", c.tx / 2),
-                    ];
-                    let emulated =
-                        declared_bytes(&emulated_tensor_core_source(), "main", &constants);
-                    let scratch = c.threads() * EMULATION_BYTES_PER_INVOCATION;
-                    assert_eq!(emulated as usize, c.workgroup_bytes() + scratch, "{c:?}");
-                }
+    // Roomy limits, the H200's (48 KiB: output staged in chunks, two subgroups per 16 rows),
+    // 256 invocations (one subgroup per 16 rows at 128-row tiles) and the WebGPU baseline.
+    let mut configs = std::collections::HashSet::new();
+    for (bytes, invocations) in [
+        (1 << 20, 1024),
+        (48 << 10, 1024),
+        (48 << 10, 256),
+        (16 << 10, 256),
+    ] {
+        let limits = wgpu::Limits {
+            max_compute_workgroup_storage_size: bytes,
+            max_compute_invocations_per_workgroup: invocations,
+            max_compute_workgroup_size_x: invocations,
+            ..wgpu::Limits::default()
+        };
+        for tier in TIERS {
+            for d in blockflash::shape::HEAD_DIMS {
+                configs.extend(KernelConfig::candidates(&limits, tier, d));
             }
+        }
+    }
+    let splits: std::collections::BTreeSet<(usize, bool)> = configs
+        .iter()
+        .filter(|c| c.tier == Tier::TensorCore)
+        .map(|c| (c.tx / 2, c.dc < c.head_dim))
+        .collect();
+    assert_eq!(
+        splits.into_iter().collect::<Vec<_>>(),
+        [(1, false), (1, true), (2, false), (2, true)],
+        "both tensor-core layouts, with the output staged whole and in chunks"
+    );
+    for c in configs {
+        let tier = c.tier;
+        let declared = declared_workgroup_bytes(tier, &c) as usize;
+        assert_eq!(
+            declared,
+            c.workgroup_bytes(),
+            "{tier} {c:?}: the shader declares {declared} bytes, the host budgets {}",
+            c.workgroup_bytes()
+        );
+        // Gpu::with_tensor_core_emulation leaves room for 128 invocations' scratch and
+        // offers no wider workgroups.
+        if tier == Tier::TensorCore && c.threads() <= 128 {
+            let constants = [
+                ("BR", c.tile_rows),
+                ("BC", c.tile_cols),
+                ("D", c.head_dim),
+                ("THREADS", c.threads()),
+                ("DC", c.dc),
+                ("SPLIT", c.tx / 2),
+            ];
+            let emulated = declared_bytes(&emulated_tensor_core_source(), "main", &constants);
+            let scratch = c.threads() * EMULATION_BYTES_PER_INVOCATION;
+            assert_eq!(emulated as usize, c.workgroup_bytes() + scratch, "{c:?}");
         }
     }
 }
