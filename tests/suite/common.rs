@@ -104,33 +104,34 @@ pub fn baseline_gpu() -> Gpu {
     })
 }
 
-/// A device on the default adapter with its limits changed by `limits`.
+/// A device on the default adapter without optional features, its limits changed by `limits`.
 fn limited_gpu(limits: impl FnOnce(wgpu::Limits) -> wgpu::Limits) -> Gpu {
-    let adapter = pollster::block_on(
-        wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env())
-            .request_adapter(&Default::default()),
-    )
-    .expect("adapter");
-    let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
-        required_limits: limits(adapter.limits()),
-        ..Default::default()
-    }))
-    .expect("device");
-    Gpu::from_device(device, queue, adapter.get_info(), Vec::new())
+    gpu_on_default_adapter(wgpu::Features::empty(), limits)
 }
 
 /// A device with the adapter's `SHADER_F16`, `SUBGROUP` and cooperative matrices where it offers
-/// them, and `limits` applied to its own limits.
+/// them, its limits changed by `limits`.
 pub fn limited_gpu_with_features(limits: impl FnOnce(wgpu::Limits) -> wgpu::Limits) -> Gpu {
+    let wanted = wgpu::Features::SHADER_F16
+        | wgpu::Features::SUBGROUP
+        | wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX;
+    gpu_on_default_adapter(wanted, limits)
+}
+
+/// A device on the default adapter with those of `wanted` that it offers, and its limits
+/// changed by `limits`.
+fn gpu_on_default_adapter(
+    wanted: wgpu::Features,
+    limits: impl FnOnce(wgpu::Limits) -> wgpu::Limits,
+) -> Gpu {
     let adapter = pollster::block_on(
         wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env())
             .request_adapter(&Default::default()),
     )
     .expect("adapter");
-    let coop = wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX;
-    let features =
-        adapter.features() & (wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP | coop);
-    let experimental = if features.contains(coop) {
+    let features = adapter.features() & wanted;
+    let coop = features.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX);
+    let experimental = if coop {
         // SAFETY: the kernels use only configurations the adapter reports, as Gpu::new does.
         unsafe { wgpu::ExperimentalFeatures::enabled() }
     } else {
@@ -143,7 +144,7 @@ pub fn limited_gpu_with_features(limits: impl FnOnce(wgpu::Limits) -> wgpu::Limi
         ..Default::default()
     }))
     .expect("device");
-    let configs = if features.contains(coop) {
+    let configs = if coop {
         adapter.cooperative_matrix_properties()
     } else {
         Vec::new()

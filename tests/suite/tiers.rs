@@ -113,30 +113,7 @@ fn shapes_head_dims_and_splits(g: &Gpu, tier: Tier) {
             );
         }
         // Every tile shape of the tier at this head dim (the plan picks one of them above).
-        let shape = Shape {
-            batch: 1,
-            heads: 4,
-            kv_heads: 2,
-            seq_q: 200,
-            seq_k: 257,
-            head_dim: d,
-        };
-        let mask = Mask::causal(200, 257).unwrap();
-        for c in KernelConfig::candidates(&g.limits(), tier, d) {
-            let tile = Some((c.tile_rows, c.tile_cols));
-            let forced = PlanOptions {
-                tile,
-                ..opts(tier, None)
-            };
-            check_case_on(
-                g,
-                &format!("d={d} {tile:?}"),
-                &mut rng,
-                shape,
-                Some(&mask),
-                forced,
-            );
-        }
+        every_tile(g, tier, d, &mut rng);
     }
     let seq = 300;
     let shape = Shape::new(2, 2, seq, 64);
@@ -165,6 +142,30 @@ fn shapes_head_dims_and_splits(g: &Gpu, tier: Tier) {
         ..opts(tier, None)
     };
     check_case_on(g, "rcm", &mut rng, shape, Some(&shuffled), rcm);
+}
+
+/// A causal mask at 200 x 257 on every tile configuration of `tier` at head dim `d` that `g`
+/// offers; returns those configurations.
+fn every_tile(g: &Gpu, tier: Tier, d: usize, rng: &mut Rng) -> Vec<KernelConfig> {
+    let shape = Shape {
+        batch: 1,
+        heads: 4,
+        kv_heads: 2,
+        seq_q: 200,
+        seq_k: 257,
+        head_dim: d,
+    };
+    let mask = Mask::causal(200, 257).unwrap();
+    let configs = KernelConfig::candidates(&g.limits(), tier, d);
+    for c in &configs {
+        let tile = Some((c.tile_rows, c.tile_cols));
+        let forced = PlanOptions {
+            tile,
+            ..opts(tier, None)
+        };
+        check_case_on(g, &format!("d={d} {c:?}"), rng, shape, Some(&mask), forced);
+    }
+    configs
 }
 
 /// Keys that grow along the sequence (key j scaled by 1 + j / 8), so that later key tiles score
@@ -292,39 +293,11 @@ fn tensor_core_with_one_and_two_subgroups_per_16_rows_matches_reference() {
     let mut rng = Rng::fresh(&format!("tensor cores at {invocations} invocations"));
     let mut splits = std::collections::BTreeSet::new();
     for d in head_dims_with_tiles(&g, Tier::TensorCore, "tensor-core-f16, fewer invocations") {
-        for c in KernelConfig::candidates(&g.limits(), Tier::TensorCore, d) {
-            splits.insert(c.tx / 2);
-            let shape = Shape {
-                batch: 1,
-                heads: 4,
-                kv_heads: 2,
-                seq_q: 200,
-                seq_k: 257,
-                head_dim: d,
-            };
-            let forced = PlanOptions {
-                tile: Some((c.tile_rows, c.tile_cols)),
-                ..opts(Tier::TensorCore, None)
-            };
-            let mask = family_mask("documents", 257, 3).unwrap();
-            let mask = Mask::from_fn(200, 257, |i, j| mask.get(0, i, j)).unwrap();
-            check_case_on(
-                &g,
-                &format!("d={d} {c:?}"),
-                &mut rng,
-                shape,
-                Some(&mask),
-                forced.clone(),
-            );
-            check_case_on(
-                &g,
-                &format!("d={d} {c:?} dense"),
-                &mut rng,
-                shape,
-                None,
-                forced,
-            );
-        }
+        splits.extend(
+            every_tile(&g, Tier::TensorCore, d, &mut rng)
+                .iter()
+                .map(|c| c.tx / 2),
+        );
     }
     assert_eq!(
         splits.into_iter().collect::<Vec<_>>(),
