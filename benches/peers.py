@@ -39,10 +39,10 @@ Run on the GPU machine (PyTorch 2.11 + Triton + numpy, no network), after the Vu
 
     python3 benches/peers.py --blockflash target/release/blockflash --out $OUT/peers [--quick]
 
---quick: N=4096 and five masks. --no-portable: no [pf16] rows. --dry-run: print the blockflash commands only. Failures print
-"n/a (reason)" and the run goes on; past --budget seconds (default 540) what is left is skipped
-(forward first, so the forward tables always finish), so the script stays inside one 10-minute
-device call. Results are rewritten after each block.
+--quick: N=4096 and five masks. --no-portable: no [pf16] rows. --dry-run: print the blockflash
+commands only. Failures print "n/a (reason)" and the run goes on; past --budget seconds (default
+540) what is left is skipped (forward first, so the forward tables always finish), so the script
+stays inside one 10-minute device call. Results are rewritten after each block.
 """
 import argparse, datetime, json, os, shlex, shutil, statistics, subprocess, sys, tempfile, time
 
@@ -549,7 +549,8 @@ def main():
         for b, h, d in configs:
             title = f"B{b} H{h} d{d}, N={n}"
             log(f"\n== {title} ({time.time() - T0:.0f} s)")
-            rows = blockflash_rows(args, masks, n, b, h, d, tc=state["tc"] and not args.no_portable and (d, n) == (64, min(seqs)))
+            portable = state["tc"] and not args.no_portable and (d, n) == (64, min(seqs))
+            rows = blockflash_rows(args, masks, n, b, h, d, tc=portable)
             state["tc"] &= not any("unavailable" in str(r.get("bf")) for r in rows if "variant" in r)
             if peers:
                 torch_columns(args, peers, masks, rows, n, b, h, d)

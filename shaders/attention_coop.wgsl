@@ -10,7 +10,7 @@
 // columns [p D / SPLIT, (p + 1) D / SPLIT) of O; it keeps the block's Q fragments and its O
 // accumulators in registers (D <= 16 * DT_CAP). With SPLIT = 2 a thread holds half the
 // accumulators and half the scores, and twice the threads share the softmax: the dense plan
-// ran 1.97x faster at d = 128 (64x32 tiles) and 1.10x at d = 64 (128x32) on the H200. For the
+// ran 1.97x faster at d = 128 (64x32 tiles) and 1.11x at d = 64 (128x32) on the H200. For the
 // softmax, the TX threads TX r .. TX r + TX - 1 own row r: thread TX r + i its columns
 // TX j + i; each reads only its own columns.
 //

@@ -22,19 +22,24 @@ const TIERS: [Tier; 4] = [
 /// Bytes of workgroup memory that the `main` entry point of `tier`'s module declares for `c`
 /// (with subgroups and row reductions through workgroup memory, the most it can declare).
 fn declared_workgroup_bytes(tier: Tier, c: &KernelConfig) -> u32 {
+    declared_bytes(&module_source(tier, true), "main", &forward_constants(c))
+}
+
+/// The overrides that size the forward kernels' workgroup memory for `c`.
+fn forward_constants(c: &KernelConfig) -> Vec<(&'static str, usize)> {
     let mut constants = vec![
         ("BR", c.tile_rows),
         ("BC", c.tile_cols),
         ("D", c.head_dim),
         ("THREADS", c.threads()),
+        ("DC", c.dc),
     ];
-    constants.push(("DC", c.dc));
-    if tier == Tier::TensorCore {
+    if c.tier == Tier::TensorCore {
         constants.push(("SPLIT", c.tx / 2));
     } else {
         constants.push(("TX", c.tx));
     }
-    declared_bytes(&module_source(tier, true), "main", &constants)
+    constants
 }
 
 /// Bytes of workgroup memory that module `src` declares once `constants` are applied for
@@ -137,15 +142,11 @@ fn host_workgroup_budget_matches_the_shaders_declarations() {
         // Gpu::with_tensor_core_emulation leaves room for 128 invocations' scratch and
         // offers no wider workgroups.
         if tier == Tier::TensorCore && c.threads() <= 128 {
-            let constants = [
-                ("BR", c.tile_rows),
-                ("BC", c.tile_cols),
-                ("D", c.head_dim),
-                ("THREADS", c.threads()),
-                ("DC", c.dc),
-                ("SPLIT", c.tx / 2),
-            ];
-            let emulated = declared_bytes(&emulated_tensor_core_source(), "main", &constants);
+            let emulated = declared_bytes(
+                &emulated_tensor_core_source(),
+                "main",
+                &forward_constants(&c),
+            );
             let scratch = c.threads() * EMULATION_BYTES_PER_INVOCATION;
             assert_eq!(emulated as usize, c.workgroup_bytes() + scratch, "{c:?}");
         }
