@@ -56,9 +56,9 @@ enum Command {
     /// samples, same tolerances).
     ///
     /// --json FILE writes one JSON object per line and case with: pass ("fwd" or "fwd+bwd"),
-    /// mask, seq, batch, heads, kv_heads, head_dim, precision, tier, path, tile, active_tiles,
-    /// ms_dense, ms_masked, speedup (= ms_dense / ms_masked), ideal_speedup (= 1 /
-    /// active_tiles), tflops (useful FLOPs of active tiles), max_rel_error, ms_plan (block
+    /// mask, seq (keys), seq_q, batch, heads, kv_heads, head_dim, precision, tier, path, tile,
+    /// active_tiles, ms_dense, ms_masked, speedup (= ms_dense / ms_masked), ideal_speedup (=
+    /// 1 / active_tiles), tflops (useful FLOPs of active tiles), max_rel_error, ms_plan (block
     /// mask and plan build), clock, adapter, backend, driver; with --backward also
     /// ms_fwd_dense, ms_fwd_masked (the forward parts), max_rel_error_dq, max_rel_error_dk,
     /// max_rel_error_dv and grad_check (what the gradient check covers).

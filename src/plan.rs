@@ -50,8 +50,10 @@ pub struct PlanOptions {
     /// Force a kernel tier; `None` takes [`Gpu::tier_for`] of `dtype`.
     pub tier: Option<Tier>,
     /// Split-KV: the most key tiles one workgroup walks; query tiles with more are split over
-    /// several workgroups and merged by log-sum-exp. `None` splits only query tiles with over
-    /// four times the mean work (global tokens); `Some(usize::MAX)` never splits.
+    /// several workgroups and merged by log-sum-exp. `None` splits query tiles with over four
+    /// times the mean work (global tokens) and, where the dispatch would have fewer than 256
+    /// workgroups (decoding: few query tiles over long keys), every query tile into parts of at
+    /// least 16 key tiles until it has about that many; `Some(usize::MAX)` never splits.
     pub max_tiles_per_workgroup: Option<usize>,
     /// How the portable kernel combines a row's max and sum over the threads of the row:
     /// `Some(true)` by subgroup shuffles (needs `SUBGROUP`; only tiles with at most as many
@@ -647,6 +649,7 @@ impl Plan {
                 (z * nhk * shape.group() * config.tile_rows * (shape.head_dim + 1) * 4) as u64;
             let mut work = split_rows(
                 &rows,
+                nhk * shape.group() * z,
                 options.max_tiles_per_workgroup,
                 part_bytes,
                 binding_limit,
@@ -1276,11 +1279,21 @@ struct Work {
 
 const NO_SPLIT: u32 = u32::MAX;
 
+/// Workgroups below which a dispatch leaves a large GPU idle (the H200 has 132 SMs and runs
+/// one or two tensor-core workgroups on each): without a forced limit, plans split every query
+/// tile over keys until their dispatches have about this many.
+const FILL_WORKGROUPS: usize = 256;
+/// The fewest key tiles of a part split off to fill the GPU: each part loads its Q tile and
+/// writes a partial output that the merge reads back.
+const FILL_MIN_TILES: usize = 16;
+
 /// Orders query tiles heaviest first and splits the heavy ones: `rows` holds (work in key
-/// tiles, [query tile, block-mask row, batch base]). A split part's scratch costs `part_bytes`;
+/// tiles, [query tile, block-mask row, batch base]), each item dispatched as `grid`
+/// workgroups (heads and batch elements). A split part's scratch costs `part_bytes`;
 /// splitting stops short of the binding limit.
 fn split_rows(
     rows: &[(usize, [u32; 3])],
+    grid: usize,
     max_tiles: Option<usize>,
     part_bytes: u64,
     binding_limit: u64,
@@ -1291,11 +1304,20 @@ fn split_rows(
         Some(m) => m.max(1),
         None => {
             let heaviest = rows.iter().map(|r| r.0).max().unwrap_or(0);
-            if (heaviest as f64) > 4.0 * mean {
+            let skewed = if (heaviest as f64) > 4.0 * mean {
                 ((2.0 * mean).ceil() as usize).max(4)
             } else {
                 usize::MAX
-            }
+            };
+            // Too few workgroups for the GPU: parts of the mean work over the parts it takes.
+            let workgroups = rows.len() * grid.max(1);
+            let fill = if workgroups < FILL_WORKGROUPS {
+                let parts = FILL_WORKGROUPS.div_ceil(workgroups);
+                ((mean / parts as f64).ceil() as usize).max(FILL_MIN_TILES)
+            } else {
+                usize::MAX
+            };
+            skewed.min(fill)
         }
     };
     let slots_for = |limit: usize| -> usize {
@@ -1501,5 +1523,25 @@ mod tests {
         );
         assert_eq!(heavy_and_light_alternating(vec![9, 8]), [9, 8]);
         assert!(heavy_and_light_alternating(Vec::<u32>::new()).is_empty());
+    }
+
+    /// Small grids split every item to fill the GPU, in parts of at least FILL_MIN_TILES;
+    /// full grids and short walks stay whole.
+    #[test]
+    fn small_grids_split_to_fill_the_gpu() {
+        let parts = |rows: &[(usize, [u32; 3])], grid| {
+            let w = split_rows(rows, grid, None, 1, u64::MAX);
+            (w.items.len(), w.slots)
+        };
+        // Decoding, 32 heads over 512 key tiles: 8 parts of 64 tiles, 256 workgroups.
+        assert_eq!(parts(&[(512, [0, 0, 0])], 32), (8, 8));
+        // One head: parts of 16 tiles, not the 2 that 256 workgroups would take.
+        assert_eq!(parts(&[(512, [0, 0, 0])], 1), (32, 32));
+        // 256 workgroups already, or walks no longer than a part: no split.
+        assert_eq!(parts(&[(512, [0, 0, 0])], 256), (1, 0));
+        assert_eq!(parts(&[(16, [0, 0, 0]), (16, [1, 1, 0])], 4), (2, 0));
+        // A forced limit wins.
+        let w = split_rows(&[(512, [0, 0, 0])], 1, Some(usize::MAX), 1, u64::MAX);
+        assert_eq!((w.items.len(), w.slots), (1, 0));
     }
 }

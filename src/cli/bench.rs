@@ -10,7 +10,7 @@ use blockflash::kernel::DType;
 use blockflash::reference::SAMPLED_GRADIENT_CHECK;
 use blockflash::suite::{run_backward_case, run_case, CaseResult, Measure, FAMILIES};
 use blockflash::timing::Clock;
-use blockflash::{Error, Gpu, PlanOptions, Result, Shape};
+use blockflash::{Error, Gpu, Mask, PlanOptions, Result, Shape};
 use clap::{Args, Parser};
 use serde_json::json;
 
@@ -35,6 +35,10 @@ pub struct BenchArgs {
     /// Sequence length N [default: 1024 on a CPU adapter, 8192 on a GPU].
     #[arg(long, value_name = "N")]
     pub seq: Option<usize>,
+    /// Query rows: the last M rows of each N x N mask, over all N keys (decoding M new tokens
+    /// after N - M) [default: N].
+    #[arg(long, value_name = "M")]
+    pub seq_q: Option<usize>,
     /// Batch size [default: 1 on a CPU adapter, 2 on a GPU].
     #[arg(long, value_name = "B")]
     pub batch: Option<usize>,
@@ -150,7 +154,8 @@ fn json_row(gpu: &Gpu, r: &CaseResult) -> serde_json::Value {
     let mut row = json!({
         "pass": r.pass(),
         "mask": r.mask,
-        "seq": s.seq_q,
+        "seq": s.seq_k,
+        "seq_q": s.seq_q,
         "batch": s.batch,
         "heads": s.heads,
         "kv_heads": s.kv_heads,
@@ -214,11 +219,17 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         batch: args.batch.unwrap_or(if cpu { 1 } else { 2 }),
         heads,
         kv_heads: args.kv_heads.unwrap_or(heads),
-        seq_q: seq,
+        seq_q: args.seq_q.unwrap_or(seq),
         seq_k: seq,
         head_dim: args.head_dim,
     };
     shape.validate()?;
+    if shape.seq_q > seq {
+        return Err(Error::InvalidArgument {
+            what: "seq-q",
+            why: format!("{} query rows of a mask of {seq} rows", shape.seq_q),
+        });
+    }
     let mut json = match &args.json {
         Some(p) => Some(BufWriter::new(File::create(p).map_err(|e| {
             Error::Io(format!("{}: cannot write: {e}", p.display()))
@@ -244,7 +255,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         seed: INPUT_SEED,
     };
     eprintln!(
-        "blockflash on {} ({:?}), tier {}: B={} H={} Hkv={} N={seq} d={}, {}, {} timed runs",
+        "blockflash on {} ({:?}), tier {}: B={} H={} Hkv={} Nq={} Nk={seq} d={}, {}, {} timed runs",
         gpu.adapter_info().name,
         gpu.adapter_info().backend,
         match tier {
@@ -254,6 +265,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         shape.batch,
         shape.heads,
         shape.kv_heads,
+        shape.seq_q,
         shape.head_dim,
         if args.backward {
             "forward + backward"
@@ -266,7 +278,11 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     for (i, (kind, spec)) in kinds.iter().zip(&specs).enumerate() {
         eprint!("[{}/{}] {kind} ...", i + 1, kinds.len());
         std::io::stderr().flush().ok();
-        let mask = spec.mask()?;
+        let mut mask = spec.mask()?;
+        if shape.seq_q < seq {
+            let first = seq - shape.seq_q;
+            mask = Mask::from_fn(shape.seq_q, seq, |q, k| mask.get(0, first + q, k))?;
+        }
         let r = if args.backward {
             // Every case has the same inputs and dense plan: its times are measured once.
             let dense = rows

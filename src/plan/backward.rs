@@ -262,7 +262,7 @@ impl Plan {
             columns.sort_by_key(|(w, _)| std::cmp::Reverse(*w));
             dkdv_walks.extend(columns.iter().map(|(w, _)| w * s.group()));
             dq_walks.extend(dq_rows.iter().map(|(w, _)| *w));
-            let work = split_rows(&dq_rows, Some(usize::MAX), 0, u64::MAX);
+            let work = split_rows(&dq_rows, 1, Some(usize::MAX), 0, u64::MAX);
             let mut index: Vec<u32> = work.items.iter().flatten().copied().collect();
             let mut params = chunk.params_data;
             params.rows_off = index.len() as u32;

@@ -333,6 +333,45 @@ fn split_kv_parts_merge_to_the_reference_on_every_path() {
     );
 }
 
+/// Decoding: a few query rows over long keys make one query tile per head, far too few
+/// workgroups for a GPU. The automatic plan splits every query tile over the keys (parts of at
+/// least 16 key tiles) and merges the parts; without a mask, and with the draft tokens of a
+/// speculative-decoding tree after a shared prefix.
+#[test]
+fn decoding_grids_split_over_keys_and_match_the_reference() {
+    let mut rng = Rng::fresh("decoding");
+    let (prefix, draft) = (2000, 5);
+    let shape = Shape {
+        batch: 1,
+        heads: 4,
+        kv_heads: 2,
+        seq_q: draft,
+        seq_k: prefix + draft,
+        head_dim: 64,
+    };
+    // Draft token i follows token i - 1 but for token 3, a sibling of 2.
+    let parents = |i: usize| match i {
+        0 => None,
+        3 => Some(1),
+        _ => Some(i - 1),
+    };
+    let tree = Mask::from_fn(draft, prefix + draft, |q, k| {
+        k < prefix || {
+            let mut node = Some(q);
+            while let Some(n) = node.filter(|&n| n != k - prefix) {
+                node = parents(n);
+            }
+            node.is_some()
+        }
+    })
+    .unwrap();
+    for mask in [None, Some(&tree)] {
+        let plan = Plan::new(gpu(), shape, mask, PlanOptions::default()).unwrap();
+        assert!(plan.describe().contains("split-KV"), "{}", plan.describe());
+        check_case("decoding", &mut rng, shape, mask, PlanOptions::default());
+    }
+}
+
 #[test]
 fn row_reductions_by_subgroup_shuffles_and_workgroup_memory_match_the_reference() {
     let mut rng = Rng::fresh("row reductions");
