@@ -226,14 +226,14 @@ fn costs(c: &KernelConfig) -> Costs {
         return Costs {
             item: item * d / 64.0,
             dense: dense * scale,
-            // The run-length walk measured 1.6x the sparse walk's time per tile on the H100
-            // (a full mask at N = 16384: 496 against 316 ms) and again on the H200 with the
-            // current kernel (64x32, N = 8192: 67.6 against 42.6 ms; BENCHMARKS.md).
-            run_length: (1.6 * walk.0, 1.6 * walk.1),
+            // The run-length walk took 1.2x to 1.4x the sparse walk's time on the same masks
+            // (causal, sliding window, documents, prefix-LM at N = 16384, d = 64 and 128) on
+            // the H200 (BENCHMARKS.md, 2026-12-02).
+            run_length: (1.3 * walk.0, 1.3 * walk.1),
             sparse: walk,
-            // Mask bits on every tile of the dense path: causal at 64x32 took 241 ms there
-            // against 147 ms unmasked on the H200.
-            mask: 0.6 * dense * scale,
+            // Mask bits on every tile of the dense path: causal at 128x32, d = 64, took 108.9 ms
+            // against 86.4 ms unmasked on the H200 (2026-12-02).
+            mask: 0.26 * dense * scale,
         };
     }
     // Portable tiers, in arbitrary units: the multiply-adds, the K/V loads that the tile's rows
