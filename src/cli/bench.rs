@@ -65,6 +65,10 @@ pub struct BenchArgs {
     /// Force a tile shape, query rows x key columns (default: the plan picks).
     #[arg(long, value_name = "RxC", value_parser = parse_tile)]
     pub tile: Option<(usize, usize)>,
+    /// Split-KV: the most key tiles one workgroup walks (default: the plan decides; see
+    /// PlanOptions::max_tiles_per_workgroup).
+    #[arg(long, value_name = "TILES", value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_tiles_per_workgroup: Option<u64>,
     /// Timed runs per plan after two warm-up runs (1 to 10000); the median is reported.
     #[arg(long, value_name = "K", default_value_t = 5,
           value_parser = clap::value_parser!(u32).range(1..=10_000))]
@@ -247,6 +251,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         tier,
         path: args.path.forced(),
         tile: args.tile,
+        max_tiles_per_workgroup: args.max_tiles_per_workgroup.map(|t| t as usize),
         ..Default::default()
     };
     let measure = Measure {
