@@ -8,7 +8,8 @@ mask and with the last M rows of a causal mask (row i sees keys 0 .. N - M + i):
   GPU-timestamp medians of its dense plan (no mask) and of the masked plan, its tile, path and
   own check against the f64 reference on sampled rows.
 * PyTorch (peers.py's timing: CUDA events, 3 warm-ups, median of 10): `scaled_dot_product_attention`
-  with `enable_gqa=True`, without a mask and with the bool mask [M, N]; `torch.compile(
+  with `enable_gqa=True`, without a mask and with the bool mask [M, N] (whichever backend
+  takes a mask with grouped heads); `torch.compile(
   flex_attention)` with `enable_gqa=True` and a BlockMask built once from the causal mask_mod
   offset by N - M (FlexAttention takes its decoding kernel for short queries).
 
@@ -16,11 +17,12 @@ Run on the GPU machine after the Vulkan setup of ../shared/docs/gpu.md:
 
     python3 benches/decode_peers.py --blockflash target/release/blockflash --out $OUT/decode
 
-Output: a markdown table on stdout and in DIR/decode.md, every number in DIR/decode.json.
+Output: a markdown table on stdout and in DIR/decode.md (after a line of JSON: date, GPU,
+driver, torch version, command), every number in DIR/decode.json.
 """
 import argparse, datetime, json, os, subprocess, sys, tempfile
 
-from peers import DEV, ENV, Torch, log
+from peers import DEV, ENV, Torch, log, why
 
 # (B, H, Hkv, d, N, M)
 CASES = [
@@ -40,9 +42,13 @@ def blockflash(args, case):
         cmd = [args.blockflash, "bench", "--mask", "causal", "--seq", n, "--seq-q", m,
                "--batch", b, "--heads", h, "--kv-heads", hkv, "--head-dim", d,
                "--precision", "f16", "--repeat", 10, "--json", f.name]
-        p = subprocess.run([str(x) for x in cmd], capture_output=True, text=True, env=ENV,
-                           timeout=300)
-        row = json.loads(open(f.name).readline() or "{}")
+        try:
+            p = subprocess.run([str(x) for x in cmd], capture_output=True, text=True, env=ENV,
+                               timeout=300)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            return {"note": why(e)}
+        with open(f.name) as rows:
+            row = json.loads(rows.readline() or "{}")
     if p.returncode != 0:
         row["note"] = (p.stderr.strip().splitlines() or [f"exit {p.returncode}"])[-1][:90]
     return row
@@ -75,7 +81,7 @@ def torch_times(peers, case):
         try:
             out[name] = fn()
         except Exception as e:  # noqa: BLE001 -- a peer failing must not end the run
-            log(f"  {name}: n/a ({str(e).splitlines()[0][:90] if str(e) else type(e).__name__})")
+            log(f"  {name}: n/a ({why(e)})")
             out[name] = float("nan")
     return out
 
@@ -107,7 +113,8 @@ def main():
             f"{masked / t['flex']:.2f} | {dense / t['sdpa_dense']:.2f} |")
         log(lines[-1])
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "torch": peers.torch.__version__, "gpu": peers.torch.cuda.get_device_name(),
+            "torch": peers.torch.__version__,
+            "gpu": peers.torch.cuda.get_device_name() if DEV == "cuda" else DEV,
             "command": " ".join(sys.argv),
             "adapter": results[0]["blockflash"].get("adapter") if results else None,
             "driver": results[0]["blockflash"].get("driver") if results else None}

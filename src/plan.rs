@@ -51,9 +51,10 @@ pub struct PlanOptions {
     pub tier: Option<Tier>,
     /// Split-KV: the most key tiles one workgroup walks; query tiles with more are split over
     /// several workgroups and merged by log-sum-exp. `None` splits query tiles with over four
-    /// times the mean work (global tokens) and, where the dispatch would have fewer than 256
-    /// workgroups (decoding: few query tiles over long keys), every query tile into parts of at
-    /// least 16 key tiles until it has about that many; `Some(usize::MAX)` never splits.
+    /// times the mean work (global tokens) and, where a dispatch would have fewer than 256
+    /// workgroups (decoding: few query tiles over long keys), walks longer than the mean walk
+    /// over the parts that about 256 workgroups take (but at least 16 key tiles);
+    /// `Some(usize::MAX)` never splits.
     pub max_tiles_per_workgroup: Option<usize>,
     /// How the portable kernel combines a row's max and sum over the threads of the row:
     /// `Some(true)` by subgroup shuffles (needs `SUBGROUP`; only tiles with at most as many
@@ -633,8 +634,8 @@ impl Plan {
         )?;
         let mut chunks = Vec::with_capacity(chunk_dims.len());
         for (b0, nb, hk0, nhk) in chunk_dims {
-            // Work items, heavy query tiles split over several workgroups, heaviest and lightest
-            // alternating.
+            // Work items, heavy query tiles (and on small grids every long one) split over
+            // several workgroups, heaviest and lightest alternating.
             let mut rows = Vec::new();
             let batches = if per_batch { nb } else { 1 };
             for bl in 0..batches {
@@ -895,8 +896,7 @@ impl Plan {
         if merges > 0 {
             let _ = writeln!(
                 d,
-                "split-KV: {merges} heavy query tile(s) split into {slots} workgroups, merged by \
-                 log-sum-exp"
+                "split-KV: {merges} query tile(s) split into {slots} parts, merged by log-sum-exp"
             );
         }
         if let Some(b) = self.backward.get() {
@@ -1280,14 +1280,15 @@ struct Work {
 const NO_SPLIT: u32 = u32::MAX;
 
 /// Workgroups below which a dispatch leaves a large GPU idle (the H200 has 132 SMs and runs
-/// one or two tensor-core workgroups on each): without a forced limit, plans split every query
-/// tile over keys until their dispatches have about this many.
+/// one or two tensor-core workgroups on each): without a forced limit, plans on every tier and
+/// adapter split long query tiles over keys until their dispatches have about this many.
 const FILL_WORKGROUPS: usize = 256;
 /// The fewest key tiles of a part split off to fill the GPU: each part loads its Q tile and
 /// writes a partial output that the merge reads back.
 const FILL_MIN_TILES: usize = 16;
 
-/// Orders query tiles heaviest first and splits the heavy ones: `rows` holds (work in key
+/// Orders query tiles heaviest first and splits the heavy ones (on small grids, every long
+/// one; see FILL_WORKGROUPS): `rows` holds (work in key
 /// tiles, [query tile, block-mask row, batch base]), each item dispatched as `grid`
 /// workgroups (heads and batch elements). A split part's scratch costs `part_bytes`;
 /// splitting stops short of the binding limit.
@@ -1310,7 +1311,7 @@ fn split_rows(
                 usize::MAX
             };
             // Too few workgroups for the GPU: parts of the mean work over the parts it takes.
-            let workgroups = rows.len() * grid.max(1);
+            let workgroups = (rows.len() * grid).max(1);
             let fill = if workgroups < FILL_WORKGROUPS {
                 let parts = FILL_WORKGROUPS.div_ceil(workgroups);
                 ((mean / parts as f64).ceil() as usize).max(FILL_MIN_TILES)

@@ -178,6 +178,8 @@ impl Plan {
                     Reorder::On
                 },
                 subgroup_reductions: Some(false),
+                // Its forward never runs: no split parts (their scratch) for it.
+                max_tiles_per_workgroup: Some(usize::MAX),
                 ..PlanOptions::default()
             };
             // Only its backward pass runs: its forward kernel is never compiled.

@@ -677,6 +677,7 @@ fn bench_json_rows_hold_every_field() {
         "pass",
         "mask",
         "seq",
+        "seq_q",
         "batch",
         "heads",
         "kv_heads",
@@ -709,6 +710,30 @@ fn bench_json_rows_hold_every_field() {
     assert_timing(&row);
     assert!(num(&row, "max_rel_error") <= 1e-4);
     assert!(num(&row, "ms_plan") >= 0.0);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// --seq-q M runs the mask's last M rows over every key (decoding); more rows than the mask
+/// has, or none, are errors.
+#[test]
+fn bench_runs_the_last_rows_of_a_mask() {
+    let dir = scratch("bench-seq-q");
+    let rows = dir.join("rows.jsonl");
+    ok(
+        "bench --mask causal --seq 2048 --seq-q 3 --batch 1 --heads 2 --head-dim 32 --repeat 1 --precision f32 --json {}",
+        &[&rows],
+    );
+    let row = json(std::fs::read_to_string(&rows).unwrap().trim());
+    assert_eq!(
+        (num(&row, "seq"), num(&row, "seq_q")),
+        (2048.0, 3.0),
+        "{row}"
+    );
+    // The causal mask's last rows see every key tile.
+    assert_eq!(num(&row, "active_tiles"), 1.0, "{row}");
+    assert!(num(&row, "max_rel_error") <= 1e-4, "{row}");
+    fails("bench --mask causal --seq 64 --seq-q 65", &[], "seq-q");
+    fails("bench --mask causal --seq 64 --seq-q 0", &[], "seq_q");
     std::fs::remove_dir_all(&dir).ok();
 }
 

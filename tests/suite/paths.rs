@@ -365,10 +365,14 @@ fn decoding_grids_split_over_keys_and_match_the_reference() {
         }
     })
     .unwrap();
-    for mask in [None, Some(&tree)] {
+    for (what, mask) in [("decoding, no mask", None), ("decoding, tree", Some(&tree))] {
         let plan = Plan::new(gpu(), shape, mask, PlanOptions::default()).unwrap();
-        assert!(plan.describe().contains("split-KV"), "{}", plan.describe());
-        check_case("decoding", &mut rng, shape, mask, PlanOptions::default());
+        assert!(
+            plan.describe().contains("split-KV"),
+            "{what}: {}",
+            plan.describe()
+        );
+        check_case(what, &mut rng, shape, mask, PlanOptions::default());
     }
 }
 
