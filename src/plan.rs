@@ -322,6 +322,22 @@ fn choose(
     })
 }
 
+/// Decoding on tensor cores: where one 16-row tile holds every query, taller tiles compute rows
+/// that no query fills, and the cost model (fitted on full grids, where a 16-row tile costs 3x a
+/// 64-row one) would not take it. The 16-row tile alone where it fetches K/V ahead: at d = 64 it
+/// ran 1.27x to 1.48x faster than 64x32 without a mask and 1.02x to 1.28x with the causal
+/// mask's last rows (H200, 1 to 16 queries over 16384 and 65536 keys, BENCHMARKS.md); at
+/// d = 128 it has no prefetch and ran 4x slower. Otherwise `candidates` as they are.
+fn decoding_tiles(candidates: Vec<KernelConfig>, shape: &Shape) -> Vec<KernelConfig> {
+    let short = candidates
+        .iter()
+        .find(|c| c.tier == Tier::TensorCore && c.tile_rows == 16 && c.prefetch());
+    match short {
+        Some(&c) if shape.seq_q <= 16 => vec![c],
+        _ => candidates,
+    }
+}
+
 /// The tile shape of a plan without a mask: on the tensor-core tier the candidate whose dense
 /// walk over `shape` the cost model charges least (its model was fitted on the H200), on the
 /// portable tiers the first candidate (their model was never fitted on a GPU).
@@ -441,6 +457,9 @@ impl Plan {
                         .collect::<Vec<_>>()
                 ),
             });
+        }
+        if options.tile.is_none() {
+            candidates = decoding_tiles(candidates, &shape);
         }
         // Row reductions by subgroup shuffles: portable tiles whose threads of a row fit in the
         // adapter's smallest subgroup.
@@ -1524,6 +1543,34 @@ mod tests {
         );
         assert_eq!(heavy_and_light_alternating(vec![9, 8]), [9, 8]);
         assert!(heavy_and_light_alternating(Vec::<u32>::new()).is_empty());
+    }
+
+    /// Decoding takes the 16-row tensor-core tile where it prefetches (d = 64 on the H200's
+    /// limits), not at d = 128 nor for more than 16 queries nor on the portable tiers.
+    #[test]
+    fn decoding_takes_16_row_tiles_where_they_prefetch() {
+        let limits = wgpu::Limits {
+            max_compute_workgroup_storage_size: 49152,
+            max_compute_invocations_per_workgroup: 1024,
+            max_compute_workgroup_size_x: 1024,
+            ..Default::default()
+        };
+        let rows = |tier, d, seq_q| {
+            let shape = Shape {
+                seq_q,
+                ..Shape::new(1, 32, 16384, d)
+            };
+            decoding_tiles(KernelConfig::candidates(&limits, tier, d), &shape)
+                .iter()
+                .map(|c| c.tile_rows)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(rows(Tier::TensorCore, 64, 1), [16]);
+        assert_eq!(rows(Tier::TensorCore, 64, 16), [16]);
+        assert_eq!(rows(Tier::TensorCore, 64, 17), [64, 128, 32, 16]);
+        assert_eq!(rows(Tier::TensorCore, 128, 1), [64, 32, 16]);
+        let portable = KernelConfig::candidates(&limits, Tier::PortableF16, 64);
+        assert_eq!(rows(Tier::PortableF16, 64, 1).len(), portable.len());
     }
 
     /// Small grids split every item to fill the GPU, in parts of at least FILL_MIN_TILES;
