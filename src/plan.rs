@@ -1479,18 +1479,23 @@ fn split_work(
 mod tests {
     use super::*;
 
+    /// The H200's limits that shape the kernels (48 KiB of workgroup memory, 1024 invocations).
+    fn h200_limits() -> wgpu::Limits {
+        wgpu::Limits {
+            max_compute_workgroup_storage_size: 49152,
+            max_compute_invocations_per_workgroup: 1024,
+            max_compute_workgroup_size_x: 1024,
+            ..Default::default()
+        }
+    }
+
     /// The tensor-core cost model picks, for every mask family of the suite at N = 16384, the
     /// tile shape that ran fastest on the H200 (BENCHMARKS.md, 2026-12-02: 128-row tiles at
     /// d = 64 but for the tree mask), and the sparse path; never the 32-row tiles the
     /// area-proportional model used to pick (1.75x to 2x slower).
     #[test]
     fn tensor_core_plans_take_the_measured_fastest_tiles() {
-        let limits = wgpu::Limits {
-            max_compute_workgroup_storage_size: 49152,
-            max_compute_invocations_per_workgroup: 1024,
-            max_compute_workgroup_size_x: 1024,
-            ..Default::default()
-        };
+        let limits = h200_limits();
         // Tree ran 2.12 ms at 64x32 against 2.20 at 128x32, documents 5.62 against 4.47,
         // causal 68.9 against 48.2 (H200, 2026-12-02). BigBird was not run at 64x32 with two
         // subgroups per 16 rows: the model takes 64x32 (7.83 ms there against 7.04 at 128x32
@@ -1549,12 +1554,7 @@ mod tests {
     /// limits), not at d = 128 nor for more than 16 queries nor on the portable tiers.
     #[test]
     fn decoding_takes_16_row_tiles_where_they_prefetch() {
-        let limits = wgpu::Limits {
-            max_compute_workgroup_storage_size: 49152,
-            max_compute_invocations_per_workgroup: 1024,
-            max_compute_workgroup_size_x: 1024,
-            ..Default::default()
-        };
+        let limits = h200_limits();
         let rows = |tier, d, seq_q| {
             let shape = Shape {
                 seq_q,
