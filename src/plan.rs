@@ -1307,10 +1307,9 @@ const FILL_WORKGROUPS: usize = 256;
 const FILL_MIN_TILES: usize = 16;
 
 /// Orders query tiles heaviest first and splits the heavy ones (on small grids, every long
-/// one; see FILL_WORKGROUPS): `rows` holds (work in key
-/// tiles, [query tile, block-mask row, batch base]), each item dispatched as `grid`
-/// workgroups (heads and batch elements). A split part's scratch costs `part_bytes`;
-/// splitting stops short of the binding limit.
+/// one; see FILL_WORKGROUPS): `rows` holds (work in key tiles, [query tile, block-mask row,
+/// batch base]), each item dispatched as `grid` workgroups (heads and batch elements). A split
+/// part's scratch costs `part_bytes`; splitting stops short of the binding limit.
 fn split_rows(
     rows: &[(usize, [u32; 3])],
     grid: usize,
