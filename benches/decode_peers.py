@@ -7,11 +7,11 @@ mask and with the last M rows of a causal mask (row i sees keys 0 .. N - M + i):
 * blockflash: `blockflash bench --mask causal --seq N --seq-q M --precision f16 --repeat 10`:
   GPU-timestamp medians of its dense plan (no mask) and of the masked plan, its tile, path and
   own check against the f64 reference on sampled rows.
-* PyTorch (peers.py's timing: CUDA events, 3 warm-ups, median of 10): `scaled_dot_product_attention`
-  with `enable_gqa=True`, without a mask and with the bool mask [M, N] (whichever backend
-  takes a mask with grouped heads); `torch.compile(
-  flex_attention)` with `enable_gqa=True` and a BlockMask built once from the causal mask_mod
-  offset by N - M (FlexAttention takes its decoding kernel for short queries).
+* PyTorch (peers.py's timing: CUDA events, 3 warm-ups, median of 10):
+  `scaled_dot_product_attention` with `enable_gqa=True`, without a mask and with the bool mask
+  [M, N] (whichever backend takes a mask with grouped heads); `torch.compile(flex_attention)`
+  with `enable_gqa=True` and a BlockMask built once from the causal mask_mod offset by N - M
+  (FlexAttention takes its decoding kernel for short queries).
 
 Run on the GPU machine after the Vulkan setup of ../shared/docs/gpu.md:
 
