@@ -66,6 +66,11 @@ const KT_CAP: u32 = 4u;        // max BC / 16
 const HALF_CAP: u32 = 32u;     // max BC / TX
 const KV_CAP: u32 = 8u;        // max BC * D / 4 / THREADS with PREFETCH
 const RESCALE_GAP: f32 = 8.0;
+const Q_CAP: u32 = 8u;         // max BR * D / 4 / THREADS for Q_AHEAD
+// Whether a thread reads its whole share of the Q tile into registers at the start, beside the
+// first K/V fetch, so that every load of a work item's prologue waits for memory at once
+// (otherwise each pass of Q through the K/V buffers reads its rows straight from memory).
+override Q_AHEAD: bool = QROWS * D / 4u % THREADS == 0u && BR * D / 4u <= Q_CAP * THREADS;
 
 @group(0) @binding(1) var<storage, read> q_buf: array<vec4<f16>>;
 @group(0) @binding(2) var<storage, read> k_buf: array<vec4<f16>>;
@@ -119,6 +124,16 @@ fn kv_elem4(from_v: bool, head_base: u32, key0: u32, e: u32) -> vec4<f16> {
     return k_buf[g];
 }
 
+// Element e (four values) of the Q tile at `q0` of the head at `q_head`: row e / (D / 4) of
+// it (zeros past the end).
+fn q_elem4(q_head: u32, q0: u32, e: u32) -> vec4<f16> {
+    let row = e / (D / 4u);
+    if (q0 + row >= P.seq_q) {
+        return vec4<f16>(0.0);
+    }
+    return q_buf[(q_head + token(q0 + row) * D) / 4u + e % (D / 4u)];
+}
+
 fn put4(val: vec4<f16>, base: u32, e: u32) {
     let s = base + (e / (D / 4u)) * (D + 8u) + (e % (D / 4u)) * 4u;
     kv_sh[s] = val.x;
@@ -153,8 +168,15 @@ fn main(
 
     let kv_head = (it.b * (P.heads / P.group) + hk) * P.seq_k * D;
     let kvt = BC * (D + 8u);
-    // With PREFETCH the first K/V tile is fetched into registers before Q is read, so that the
-    // two wait for global memory together (Q passes through the K/V buffers).
+    let q_head = (it.b * P.heads + it.h) * P.seq_q * D;
+    // Q (with Q_AHEAD) and, with PREFETCH, the first K/V tile are read into registers before
+    // Q passes through the K/V buffers, so that they wait for global memory together.
+    var qr: array<vec4<f16>, Q_CAP>;
+    if (Q_AHEAD) {
+        for (var i = 0u; i < BR * D / 4u / THREADS; i++) {
+            qr[i] = q_elem4(q_head, q0, lid + i * THREADS);
+        }
+    }
     var kr: array<vec4<f16>, KV_CAP>;
     var vr: array<vec4<f16>, KV_CAP>;
     if (PREFETCH && it.first < it.end) {
@@ -162,7 +184,6 @@ fn main(
         fetch(&kr, false, kv_head, key0, lid);
         fetch(&vr, true, kv_head, key0, lid);
     }
-    let q_head = (it.b * P.heads + it.h) * P.seq_q * D;
     if (lid == 0u) {
         red[TX * BR] = 0.0;
         red[TX * BR + 1u] = 0.0;
@@ -171,13 +192,15 @@ fn main(
     // cooperative load needs uniform control flow) and keeps the fragments of its own pass.
     var qa: array<coop_mat16x16<f16, A>, DT_CAP>;
     for (var qp = 0u; qp < BR / QROWS; qp++) {
-        for (var e = lid; e < QROWS * (D / 4u); e += THREADS) {
-            let row = qp * QROWS + e / (D / 4u);
-            var val = vec4<f16>(0.0);
-            if (q0 + row < P.seq_q) {
-                val = q_buf[(q_head + token(q0 + row) * D) / 4u + e % (D / 4u)];
+        if (Q_AHEAD) {
+            let per = QROWS * D / 4u / THREADS;
+            for (var i = 0u; i < per; i++) {
+                put4(qr[qp * per + i], 0u, lid + i * THREADS);
             }
-            put4(val, 0u, e);
+        } else {
+            for (var e = lid; e < QROWS * (D / 4u); e += THREADS) {
+                put4(q_elem4(q_head, q0, qp * QROWS * (D / 4u) + e), 0u, e);
+            }
         }
         workgroupBarrier();
         for (var kk = 0u; kk < D / 16u; kk++) {
