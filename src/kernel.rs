@@ -1,8 +1,10 @@
 //! The attention kernels: the forward kernel's tile configurations, the backward kernels' step
 //! size, the WGSL sources specialised by `override` constants, and the pipeline cache.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt;
+
 use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
@@ -24,6 +26,42 @@ pub const BACKWARD_WALK_WGSL: &str = include_str!("../shaders/backward_walk.wgsl
 pub const BACKWARD_WGSL: &str = include_str!("../shaders/backward.wgsl");
 /// WGSL of the tensor-core backward kernels (dK/dV, dQ; cooperative matrices, f16 storage).
 pub const BACKWARD_COOP_WGSL: &str = include_str!("../shaders/backward_coop.wgsl");
+
+/// Environment variable naming a folder of WGSL files that replace the built-in kernel sources
+/// of the same names (`common.wgsl`, `attention_coop.wgsl`, ... as in `shaders/`) wherever a
+/// module is built: kernel variants measured with one binary, without rebuilding. Each
+/// replacement is logged as a warning; files not in the folder stay built in.
+pub const SHADER_DIR_ENV: &str = "BLOCKFLASH_SHADER_DIR";
+
+/// Kernel source `name`: from the folder named by [`SHADER_DIR_ENV`] where that holds it, else
+/// `builtin`.
+fn wgsl(name: &str, builtin: &'static str) -> Cow<'static, str> {
+    match std::env::var_os(SHADER_DIR_ENV) {
+        Some(dir) => wgsl_from(std::path::Path::new(&dir), name, builtin),
+        None => Cow::Borrowed(builtin),
+    }
+}
+
+fn wgsl_from(dir: &std::path::Path, name: &str, builtin: &'static str) -> Cow<'static, str> {
+    let path = dir.join(name);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            log::warn!(
+                "kernel source {name} read from {} ({SHADER_DIR_ENV})",
+                path.display()
+            );
+            Cow::Owned(text)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Cow::Borrowed(builtin),
+        Err(e) => {
+            log::warn!(
+                "{SHADER_DIR_ENV}: {} unreadable ({e}); built-in {name} used",
+                path.display()
+            );
+            Cow::Borrowed(builtin)
+        }
+    }
+}
 
 /// Storage type of Q, K, V and O (the kernels compute in f32 on every storage type).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -114,13 +152,17 @@ pub fn module_source(tier: Tier, subgroups: bool) -> String {
                  fn lane_xor(x: f32, mask: u32) -> f32 {\n    return x;\n}\n"
             };
             format!(
-                "{}{lanes}{COMMON_WGSL}\n{ATTENTION_WGSL}",
-                storage_prologue(tier.dtype())
+                "{}{lanes}{}\n{}",
+                storage_prologue(tier.dtype()),
+                wgsl("common.wgsl", COMMON_WGSL),
+                wgsl("attention.wgsl", ATTENTION_WGSL)
             )
         }
         Tier::TensorCore => format!(
-            "enable wgpu_cooperative_matrix;\n{}{COMMON_WGSL}\n{ATTENTION_COOP_WGSL}",
-            storage_prologue(DType::F16)
+            "enable wgpu_cooperative_matrix;\n{}{}\n{}",
+            storage_prologue(DType::F16),
+            wgsl("common.wgsl", COMMON_WGSL),
+            wgsl("attention_coop.wgsl", ATTENTION_COOP_WGSL)
         ),
     }
 }
@@ -140,25 +182,30 @@ pub const EMULATION_BYTES_PER_INVOCATION: usize =
 /// `load4` (widen to `vec4<f32>`) and `pack4` (round to the storage type), with f16 enabled
 /// where needed and `Elem` (the element type) for f32 and f16.
 fn storage_prologue(dtype: DType) -> String {
+    let float = || wgsl("storage_float.wgsl", STORAGE_FLOAT_WGSL);
     match dtype {
-        DType::F32 => format!("alias Elem = f32;\n{STORAGE_FLOAT_WGSL}"),
-        DType::F16 => format!("enable f16;\nalias Elem = f16;\n{STORAGE_FLOAT_WGSL}"),
-        DType::BF16 => STORAGE_BF16_WGSL.to_string(),
+        DType::F32 => format!("alias Elem = f32;\n{}", float()),
+        DType::F16 => format!("enable f16;\nalias Elem = f16;\n{}", float()),
+        DType::BF16 => wgsl("storage_bf16.wgsl", STORAGE_BF16_WGSL).into_owned(),
     }
 }
 
 /// The WGSL module of the backward kernels: the portable ones for storage type `dtype`, or with
 /// `tensor_cores` the tensor-core ones (f16 storage; no subgroup operations).
 pub fn backward_module_source(dtype: DType, tensor_cores: bool) -> String {
+    let common = wgsl("common.wgsl", COMMON_WGSL);
+    let walk = wgsl("backward_walk.wgsl", BACKWARD_WALK_WGSL);
     if tensor_cores {
         format!(
-            "enable wgpu_cooperative_matrix;\n{}{COMMON_WGSL}\n{BACKWARD_WALK_WGSL}\n{BACKWARD_COOP_WGSL}",
-            storage_prologue(DType::F16)
+            "enable wgpu_cooperative_matrix;\n{}{common}\n{walk}\n{}",
+            storage_prologue(DType::F16),
+            wgsl("backward_coop.wgsl", BACKWARD_COOP_WGSL)
         )
     } else {
         format!(
-            "{}{COMMON_WGSL}\n{BACKWARD_WALK_WGSL}\n{BACKWARD_WGSL}",
-            storage_prologue(dtype)
+            "{}{common}\n{walk}\n{}",
+            storage_prologue(dtype),
+            wgsl("backward.wgsl", BACKWARD_WGSL)
         )
     }
 }
@@ -1049,5 +1096,22 @@ impl PipelineCache {
         let pair = (pipeline, bgl);
         c.backward.insert(variant, pair.clone());
         Ok(pair)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_shader_folder_replaces_only_the_sources_it_holds() {
+        let dir = std::env::temp_dir().join(format!("blockflash-wgsl-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("attention_coop.wgsl"), "// a variant\n").unwrap();
+        let replaced = wgsl_from(&dir, "attention_coop.wgsl", ATTENTION_COOP_WGSL);
+        let kept = wgsl_from(&dir, "common.wgsl", COMMON_WGSL);
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(replaced, "// a variant\n");
+        assert!(matches!(kept, Cow::Borrowed(s) if s == COMMON_WGSL));
     }
 }
