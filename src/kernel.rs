@@ -4,7 +4,6 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt;
-
 use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
