@@ -7,6 +7,7 @@ use std::ops::Range;
 
 use crate::error::{Error, Result};
 use crate::mask::{mask_geometry, set_bit_range, set_strided, tail_bits, Mask};
+use crate::parallel::{run_all, threads};
 
 /// State of one (query tile, key tile) pair.
 #[repr(u8)]
@@ -256,32 +257,6 @@ impl BitClassifier {
 /// more than it saves).
 const PARALLEL_WORDS: usize = 1 << 20;
 
-fn worker_threads(words: usize) -> usize {
-    if words < PARALLEL_WORDS {
-        return 1;
-    }
-    // No threads where std has none (wasm): available_parallelism is an error there.
-    std::thread::available_parallelism().map_or(1, |n| n.get().min(8))
-}
-
-/// Runs the jobs, on scoped threads when there is more than one.
-fn run_all(jobs: Vec<impl FnOnce() + Send>) {
-    if jobs.len() <= 1 {
-        jobs.into_iter().for_each(|job| job());
-        return;
-    }
-    std::thread::scope(|s| {
-        let mut jobs = jobs.into_iter();
-        let mine = jobs.next();
-        for job in jobs {
-            s.spawn(job);
-        }
-        if let Some(job) = mine {
-            job();
-        }
-    });
-}
-
 /// Number of active tiles of a mask for a tile shape, without building the block mask's lists and
 /// bits (what RCM reports before and after reordering).
 pub(crate) fn active_tile_count(mask: &Mask, tile_rows: usize, tile_cols: usize) -> Result<usize> {
@@ -352,7 +327,7 @@ impl BlockMask {
         let mut asm = Assembler::new(seq_q, seq_k, tile_rows, tile_cols, mask.batches());
         let (q_tiles, k_tiles) = (asm.bm.q_tiles, asm.bm.k_tiles);
         let rows = mask.batches() * q_tiles;
-        let threads = worker_threads(mask.batches() * seq_q * wpr);
+        let threads = threads(mask.batches() * seq_q * wpr, PARALLEL_WORDS);
         let rows_per_job = rows.div_ceil(threads);
 
         // Pass 1: tile states, rows split over the threads.

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
 use crate::gpu::Tier;
+use crate::parallel::for_chunks;
 
 /// WGSL shared by every kernel: walk, masks, stores, split-KV merge.
 pub const COMMON_WGSL: &str = include_str!("../shaders/common.wgsl");
@@ -90,35 +91,60 @@ impl DType {
         (n * self.size()).next_multiple_of(4) as u64
     }
 
-    /// `data` converted to this type (f16, bf16: rounded to nearest even), as bytes padded to 4.
+    /// `data` converted to this type (f16, bf16: rounded to nearest even), as bytes padded to 4;
+    /// large inputs on all cores.
     pub fn encode(self, data: &[f32]) -> Vec<u8> {
-        let mut out = match self {
-            DType::F32 => bytemuck::cast_slice(data).to_vec(),
-            DType::F16 => data
-                .iter()
-                .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
-                .collect(),
-            DType::BF16 => data
-                .iter()
-                .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())
-                .collect(),
-        };
-        out.resize(out.len().next_multiple_of(4), 0);
+        let size = self.size();
+        let mut out = vec![0u8; self.bytes(data.len()) as usize];
+        for_chunks(&mut out[..data.len() * size], size, |start, chunk| {
+            let (dst, src) = (chunk.chunks_exact_mut(size), &data[start / size..]);
+            match self {
+                DType::F32 => dst
+                    .zip(src)
+                    .for_each(|(d, x)| d.copy_from_slice(&x.to_le_bytes())),
+                DType::F16 => dst
+                    .zip(src)
+                    .for_each(|(d, &x)| d.copy_from_slice(&half::f16::from_f32(x).to_le_bytes())),
+                DType::BF16 => dst
+                    .zip(src)
+                    .for_each(|(d, &x)| d.copy_from_slice(&half::bf16::from_f32(x).to_le_bytes())),
+            }
+        });
         out
     }
 
-    /// The first `n` elements of `bytes` as f32.
+    /// The first `n` elements of `bytes` as f32; large inputs on all cores.
     pub fn decode(self, bytes: &[u8], n: usize) -> Vec<f32> {
-        let halves = |widen: fn([u8; 2]) -> f32| -> Vec<f32> {
-            bytes[..n * 2]
-                .chunks_exact(2)
-                .map(|b| widen([b[0], b[1]]))
-                .collect()
-        };
+        let size = self.size();
+        let bytes = &bytes[..n * size];
+        let mut out = vec![0f32; n];
+        for_chunks(&mut out, 1, |start, chunk| {
+            let src = bytes[start * size..].chunks_exact(size);
+            match self {
+                DType::F32 => chunk
+                    .iter_mut()
+                    .zip(src)
+                    .for_each(|(x, b)| *x = f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+                DType::F16 => chunk
+                    .iter_mut()
+                    .zip(src)
+                    .for_each(|(x, b)| *x = half::f16::from_le_bytes([b[0], b[1]]).to_f32()),
+                DType::BF16 => chunk
+                    .iter_mut()
+                    .zip(src)
+                    .for_each(|(x, b)| *x = half::bf16::from_le_bytes([b[0], b[1]]).to_f32()),
+            }
+        });
+        out
+    }
+
+    /// `x` rounded to this type and widened back: what a kernel reads of an f32 input stored as
+    /// this type (`decode(encode(x))` element by element).
+    pub fn round(self, x: f32) -> f32 {
         match self {
-            DType::F32 => bytemuck::cast_slice(&bytes[..n * 4]).to_vec(),
-            DType::F16 => halves(|b| half::f16::from_le_bytes(b).to_f32()),
-            DType::BF16 => halves(|b| half::bf16::from_le_bytes(b).to_f32()),
+            DType::F32 => x,
+            DType::F16 => half::f16::from_f32(x).to_f32(),
+            DType::BF16 => half::bf16::from_f32(x).to_f32(),
         }
     }
 }

@@ -26,6 +26,7 @@ pub mod error;
 pub mod gpu;
 pub mod kernel;
 pub mod mask;
+mod parallel;
 pub mod plan;
 pub mod rcm;
 mod readback;

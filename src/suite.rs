@@ -298,13 +298,21 @@ impl Case {
                 why: format!("the host cannot allocate the {bytes} bytes of this case's inputs"),
             });
         }
-        let mut rng = SplitMix64::new(seed);
+        // Uniform in [-1, 1) from the seed's sequence, one tensor after the other, each value
+        // from its index in the sequence (SplitMix64::at) so that large inputs fill on all
+        // cores; rounded to the storage type.
         let e = options.dtype;
+        let mut next = 0u64;
         let mut rand_stored = |n: usize| {
-            let x: Vec<f32> = (0..n)
-                .map(|_| (rng.next_f64() * 2.0 - 1.0) as f32)
-                .collect();
-            e.decode(&e.encode(&x), n)
+            let first = next;
+            next += n as u64;
+            let mut x = vec![0f32; n];
+            crate::parallel::for_chunks(&mut x, 1, |start, chunk| {
+                for (i, v) in (first + start as u64..).zip(chunk) {
+                    *v = e.round((SplitMix64::unit(SplitMix64::at(seed, i)) * 2.0 - 1.0) as f32);
+                }
+            });
+            x
         };
         let (q, k, v) = (
             rand_stored(shape.q_len()),
