@@ -82,8 +82,10 @@ impl Resident {
     /// leaves unwritten show up.
     pub fn poison(&self, gpu: &Gpu) {
         let nan = |buf: &wgpu::Buffer, e: DType, n: usize| {
-            gpu.queue()
-                .write_buffer(buf, 0, &e.encode(&vec![f32::NAN; n]));
+            // One element's bytes repeated: no f32 copy of the buffer on the host.
+            let mut bytes = e.encode(&[f32::NAN])[..e.size()].repeat(n);
+            bytes.resize(bytes.len().next_multiple_of(4), 0);
+            gpu.queue().write_buffer(buf, 0, &bytes);
         };
         nan(&self.o, self.dtype, self.o_len);
         nan(&self.lse, DType::F32, (self.lse.size() / 4) as usize);
