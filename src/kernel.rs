@@ -1128,6 +1128,23 @@ impl PipelineCache {
 mod tests {
     use super::*;
 
+    /// Encoding and decoding in parallel chunks give what element-by-element conversion gives,
+    /// past the size from which they spread over threads, and pad to 4 bytes.
+    #[test]
+    fn encode_and_decode_match_each_element_rounded() {
+        let n = (1 << 20) + 3;
+        let x: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin() * 300.0).collect();
+        for e in [DType::F32, DType::F16, DType::BF16] {
+            let bytes = e.encode(&x);
+            assert_eq!(bytes.len() as u64, e.bytes(n), "{e:?}");
+            assert!(bytes[n * e.size()..].iter().all(|&b| b == 0), "{e:?}");
+            let back = e.decode(&bytes, n);
+            for (i, (&a, &b)) in x.iter().zip(&back).enumerate() {
+                assert_eq!(e.round(a).to_bits(), b.to_bits(), "{e:?} element {i}");
+            }
+        }
+    }
+
     #[test]
     fn a_shader_folder_replaces_only_the_sources_it_holds() {
         let dir = std::env::temp_dir().join(format!("blockflash-wgsl-{}", std::process::id()));
