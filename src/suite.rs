@@ -284,10 +284,11 @@ impl Case {
         seed: u64,
         with_gradient: bool,
     ) -> Result<Case> {
-        // The inputs (as f32, encoded and decoded), asked for at once so that a size the host
-        // cannot hold is an error rather than an abort.
+        // The inputs as f32 and, while each is uploaded, its encoded copy (at most 2 bytes an
+        // element more), asked for at once so that a size the host cannot hold is an error
+        // rather than an abort.
         let elements = [shape.q_len(), shape.kv_len(), shape.kv_len(), shape.q_len()];
-        let bytes = elements.iter().fold(0usize, |a, &n| a.saturating_add(n)) as u128 * 12;
+        let bytes = elements.iter().fold(0usize, |a, &n| a.saturating_add(n)) as u128 * 6;
         if usize::try_from(bytes)
             .ok()
             .and_then(|b| Vec::<u8>::new().try_reserve_exact(b).ok())
