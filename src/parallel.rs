@@ -29,6 +29,26 @@ pub(crate) fn run_all(jobs: Vec<impl FnOnce() + Send>) {
     });
 }
 
+/// `f` over `items` in order, spread over the available cores (on one thread where there is
+/// one, as in the browser).
+pub(crate) fn par_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if threads <= 1 || items.len() < 2 {
+        return items.iter().map(f).collect();
+    }
+    let f = &f;
+    std::thread::scope(|s| {
+        let parts: Vec<_> = items
+            .chunks(items.len().div_ceil(threads))
+            .map(|part| s.spawn(move || part.iter().map(f).collect::<Vec<R>>()))
+            .collect();
+        parts
+            .into_iter()
+            .flat_map(|p| p.join().expect("a worker thread panicked"))
+            .collect()
+    })
+}
+
 /// Elements of an element-wise pass below which one thread does it all.
 const PARALLEL_ELEMENTS: usize = 1 << 20;
 

@@ -2,6 +2,7 @@
 
 use crate::error::{Error, Result};
 use crate::mask::Mask;
+use crate::parallel::par_map;
 use crate::shape::Shape;
 
 /// Output of attention: O `[B, H, Nq, d]` and the log-sum-exp `[B, H, Nq]` (natural log).
@@ -114,16 +115,27 @@ pub fn attention(
         check_mask(shape, m)?;
     }
     let scale = scale.unwrap_or(shape.default_scale());
+    // Rows r = (b H + h) Nq + i, on all cores.
+    let rows: Vec<usize> = (0..shape.batch * shape.heads * shape.seq_q).collect();
+    let per_row = par_map(&rows, |&r| {
+        let (bh, i) = (r / shape.seq_q, r % shape.seq_q);
+        attention_row(
+            shape,
+            q,
+            k,
+            v,
+            mask,
+            scale,
+            bh / shape.heads,
+            bh % shape.heads,
+            i,
+        )
+    });
     let mut o = Vec::with_capacity(shape.q_len());
     let mut lse = Vec::with_capacity(shape.lse_len());
-    for b in 0..shape.batch {
-        for h in 0..shape.heads {
-            for i in 0..shape.seq_q {
-                let (row, l) = attention_row(shape, q, k, v, mask, scale, b, h, i);
-                o.extend(row);
-                lse.push(l);
-            }
-        }
+    for (row, l) in per_row {
+        o.extend(row);
+        lse.push(l);
     }
     Ok(Output { o, lse })
 }
@@ -145,9 +157,9 @@ pub fn sampled_error(
     let d = shape.head_dim;
     let rows = shape.batch * shape.heads * shape.seq_q;
     let step = (rows / samples.max(1)).max(1);
-    let mut worst = 0.0f64;
     // An odd stride visits rows at many positions inside their tiles.
-    for r in (0..rows).step_by(step | 1) {
+    let sampled: Vec<usize> = (0..rows).step_by(step | 1).collect();
+    let errors = par_map(&sampled, |&r| {
         let (bh, i) = (r / shape.seq_q, r % shape.seq_q);
         let (b, h) = (bh / shape.heads, bh % shape.heads);
         let (want, _) = attention_row(shape, q, k, v, mask, scale, b, h, i);
@@ -158,21 +170,20 @@ pub fn sampled_error(
             .map(|(&g, &w)| (g as f64 - w).powi(2))
             .sum();
         let den: f64 = want.iter().map(|w| w * w).sum();
-        let err = if den == 0.0 {
+        if den == 0.0 {
             num.sqrt()
         } else {
             (num / den).sqrt()
-        };
-        worst = if err.is_nan() {
+        }
+    });
+    // A NaN error (a NaN or missing output) is the worst.
+    errors.into_iter().fold(0.0f64, |worst, err| {
+        if err.is_nan() || worst.is_nan() {
             f64::NAN
         } else {
             worst.max(err)
-        };
-        if worst.is_nan() {
-            break;
         }
-    }
-    worst
+    })
 }
 
 /// Gradients of attention with respect to Q, K and V (shapes of Q, K and V).
@@ -385,25 +396,5 @@ pub fn sampled_gradient_errors(
         } else {
             (num / den).sqrt()
         }
-    })
-}
-
-/// `f` over `items` in order, spread over the available cores (on one thread where there is
-/// one, as in the browser).
-fn par_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    if threads <= 1 || items.len() < 2 {
-        return items.iter().map(f).collect();
-    }
-    let f = &f;
-    std::thread::scope(|s| {
-        let parts: Vec<_> = items
-            .chunks(items.len().div_ceil(threads))
-            .map(|part| s.spawn(move || part.iter().map(f).collect::<Vec<R>>()))
-            .collect();
-        parts
-            .into_iter()
-            .flat_map(|p| p.join().expect("a reference thread panicked"))
-            .collect()
     })
 }
