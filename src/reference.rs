@@ -228,19 +228,27 @@ pub fn attention_backward(
     let scale = scale.unwrap_or(shape.default_scale());
     let sc = scale as f64;
     let d = shape.head_dim;
-    let mut dq = vec![0.0f64; shape.q_len()];
-    let mut dk = vec![0.0f64; shape.kv_len()];
-    let mut dv = vec![0.0f64; shape.kv_len()];
     let t = [q, k, v, d_o];
-    for b in 0..shape.batch {
-        for h in 0..shape.heads {
-            let kv_base = (b * shape.kv_heads + h / shape.group()) * shape.seq_k * d;
+    let g = shape.group();
+    // One task per (batch element, key/value head) on all cores: the dQ rows of its group of
+    // query heads and its dK, dV, each summed in the same order as one after the other, and
+    // contiguous in their tensors in task order.
+    let tasks: Vec<(usize, usize)> = (0..shape.batch)
+        .flat_map(|b| (0..shape.kv_heads).map(move |hk| (b, hk)))
+        .collect();
+    let parts = par_map(&tasks, |&(b, hk)| {
+        let mut dq = vec![0.0f64; g * shape.seq_q * d];
+        let mut dk = vec![0.0f64; shape.seq_k * d];
+        let mut dv = vec![0.0f64; shape.seq_k * d];
+        let kv_base = (b * shape.kv_heads + hk) * shape.seq_k * d;
+        for (hg, h) in (hk * g..(hk + 1) * g).enumerate() {
             for i in 0..shape.seq_q {
                 let row = ((b * shape.heads + h) * shape.seq_q + i) * d;
                 let Some(stats) = row_stats(shape, t, mask, scale, b, h, i) else {
                     continue;
                 };
                 let (qrow, dorow) = (&q[row..][..d], &d_o[row..][..d]);
+                let dq_row = &mut dq[(hg * shape.seq_q + i) * d..][..d];
                 for j in 0..shape.seq_k {
                     if mask.is_some_and(|m| !m.get(b, i, j)) {
                         continue;
@@ -248,15 +256,26 @@ pub fn attention_backward(
                     let (krow, vrow) = (&k[kv_base + j * d..][..d], &v[kv_base + j * d..][..d]);
                     let (p, ds) = pair_grad(qrow, krow, vrow, dorow, sc, stats);
                     for c in 0..d {
-                        dv[kv_base + j * d + c] += p * dorow[c] as f64;
-                        dk[kv_base + j * d + c] += sc * ds * qrow[c] as f64;
-                        dq[row + c] += sc * ds * krow[c] as f64;
+                        dv[j * d + c] += p * dorow[c] as f64;
+                        dk[j * d + c] += sc * ds * qrow[c] as f64;
+                        dq_row[c] += sc * ds * krow[c] as f64;
                     }
                 }
             }
         }
+        (dq, dk, dv)
+    });
+    let mut grads = Gradients {
+        dq: Vec::with_capacity(shape.q_len()),
+        dk: Vec::with_capacity(shape.kv_len()),
+        dv: Vec::with_capacity(shape.kv_len()),
+    };
+    for (dq, dk, dv) in parts {
+        grads.dq.extend(dq);
+        grads.dk.extend(dk);
+        grads.dv.extend(dv);
     }
-    Ok(Gradients { dq, dk, dv })
+    Ok(grads)
 }
 
 /// What the backward needs of query row `i` of batch element `b` and head `h` from the f64
