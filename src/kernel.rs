@@ -984,7 +984,7 @@ impl PipelineCache {
                 let tier = variant.config.tier;
                 let mut source = module_source(tier, subgroups);
                 if tier == Tier::TensorCore && emulates_coop(device) {
-                    source = emulated_tensor_core_source();
+                    source = crate::coop_emulation::emulated(&source);
                 }
                 // Index clamping kept the tensor-core kernel's register arrays in local
                 // memory (9x slower on the H100); the portable kernels ran as fast with it.
@@ -1094,7 +1094,7 @@ impl PipelineCache {
                 let mut source = backward_module_source(dtype, tensor_cores);
                 // As the forward module: built without index clamping.
                 if tensor_cores && emulates_coop(device) {
-                    source = emulated_tensor_core_backward_source();
+                    source = crate::coop_emulation::emulated(&source);
                 }
                 trusted_module(device, "blockflash backward", source, !tensor_cores)
             })
