@@ -29,8 +29,9 @@ pub(crate) fn run_all(jobs: Vec<impl FnOnce() + Send>) {
     });
 }
 
-/// `f` over `items` in order, spread over the available cores (on one thread where there is
-/// one, as in the browser).
+/// `f` over `items` in order, spread over every available core (on one thread where there is
+/// one, as in the browser): for items that are each heavy work (the f64 reference's rows),
+/// where `threads`' cap of 8 for memory-bound passes does not apply.
 pub(crate) fn par_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     if threads <= 1 || items.len() < 2 {

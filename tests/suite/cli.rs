@@ -1034,3 +1034,39 @@ fn documented_errors_exit_non_zero_with_a_message() {
     assert!(!json.exists(), "a failed bench left {}", json.display());
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// BLOCKFLASH_SHADER_DIR: a kernel source found there replaces the built-in one (a warning
+/// says so, and the bench still checks its results against the f64 reference on poisoned
+/// outputs); a broken one is an error with a message, not a panic.
+#[test]
+fn a_shader_folder_replaces_kernel_sources_and_a_broken_one_is_an_error() {
+    let dir = scratch("shader-dir");
+    let bench = || {
+        Command::new(env!("CARGO_BIN_EXE_blockflash"))
+            .env(blockflash::kernel::SHADER_DIR_ENV, &dir)
+            .args(argv(
+                "bench --mask causal --seq 128 --batch 1 --heads 2 --repeat 1 --precision f32",
+                &[],
+            ))
+            .output()
+            .expect("the blockflash binary runs")
+    };
+    std::fs::write(
+        dir.join("attention.wgsl"),
+        blockflash::kernel::ATTENTION_WGSL,
+    )
+    .unwrap();
+    let out = bench();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("attention.wgsl read from"), "{stderr}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("verified against the f64 reference"));
+
+    std::fs::write(dir.join("attention.wgsl"), "fn broken( {\n").unwrap();
+    let out = bench();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(!out.status.success(), "a broken kernel source ran");
+    assert!(stderr.contains("failed to build"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
