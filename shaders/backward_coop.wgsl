@@ -5,19 +5,26 @@
 // dK/dV pass's rows); the prologue enables f16 and wgpu_cooperative_matrix with Elem = f16. No
 // subgroup operations here (see attention_coop.wgsl).
 //
-//   dkdv: one workgroup per (key tile, key/value head, batch) as in backward.wgsl, BC / 16
-//         subgroups of 32 (THREADS = 2 BC): subgroup w owns keys [16 w, 16 w + 16) of the tile
-//         and their dK and dV accumulators. K and V of the tile stay in workgroup memory. The
+// SPLIT subgroups of 32 share each block of 16 keys (dkdv) or 16 query rows (dq): subgroup w
+// works on block w / SPLIT and, as part p = w % SPLIT of it, computes its share of the block's
+// S and dP columns (query columns of the step, or keys) and of its accumulators' head-dim
+// columns [p D / SPLIT, (p + 1) D / SPLIT): half the accumulators a thread with SPLIT = 2, as
+// in attention_coop.wgsl.
+//
+//   dkdv: one workgroup per (key tile, key/value head, batch) as in backward.wgsl, SPLIT BC / 16
+//         subgroups of 32 (THREADS = 2 SPLIT BC): block b owns keys [16 b, 16 b + 16) of the
+//         tile and their dK and dV accumulators. K and V of the tile stay in workgroup memory. The
 //         walk (the query tiles of the transposed block mask over the query heads of the group)
 //         goes in steps of RS rows of one query tile (RS divides BR): Q and dO of the step's
 //         rows staged with their statistics, Sᵀ and dPᵀ stored (f32), Pᵀ and dSᵀ by the
 //         threads (f16; thread t takes query column t % RS of the step, so it reads one row's
 //         mask bits), then the two products. With PREFETCH, the next step's Q and dO are read
 //         into registers while this step computes.
-//   dq:   one workgroup per query tile (the forward walk, never split), BR / 16 subgroups
-//         (THREADS = 2 BR): subgroup w owns rows [16 w, 16 w + 16) with their Q and dO fragments
-//         and dQ accumulators in registers. Per key tile: K and V staged, S and dP stored, dS by
-//         the threads (threads 2r and 2r + 1 take row r), dQ += dS K. With PREFETCH, the next
+//   dq:   one workgroup per query tile (the forward walk, never split), SPLIT BR / 16 subgroups
+//         (THREADS = 2 SPLIT BR): block b owns rows [16 b, 16 b + 16) with their Q and dO
+//         fragments (each subgroup of the block holds all of them) and dQ accumulators in
+//         registers. Per key tile: K and V staged, S and dP stored, dS by the threads (the
+//         2 SPLIT threads from 2 SPLIT r take row r), dQ += dS K. With PREFETCH, the next
 //         key tile's K and V are read into registers while this one computes.
 // Results leave through workgroup memory 16 head-dim columns at a time (dK and dQ times the
 // softmax scale). P and dS are rounded to f16 as product operands (P <= 1; |dS| beyond f16's
@@ -27,7 +34,8 @@
 // Workgroup variables of this file are arrays (see attention_coop.wgsl); common.wgsl's walk and
 // span vectors serve the walks, as in the forward kernel.
 
-override RS: u32 = 16u;        // dkdv: query rows per step (a multiple of 16 dividing BR)
+override RS: u32 = 16u;        // dkdv: query rows per step (a multiple of 16 SPLIT dividing BR)
+override SPLIT: u32 = 1u;      // subgroups per 16 keys (dkdv) or query rows (dq): 1 or 2
 // Whether the pass reads the next step's Q and dO (dkdv) or the next key tile's K and V (dq)
 // into registers one step ahead, so that the loads overlap a step of work: set by the host
 // where a thread's share is at most PF_CAP vec4 and divides evenly.
@@ -217,7 +225,8 @@ fn dkdv(
     let kt = index_buf[col + 3u];
     let b = index_buf[col + 4u] + wg.z;
     let kv_head = (b * (P.heads / P.group) + wg.y) * P.seq_k;
-    let sg = lid / 32u;
+    let blk = lid / 32u / SPLIT;
+    let part = lid / 32u % SPLIT;
     stage_kv(kv_head, kt * BC, lid);
     if (lid == 0u) {
         walk = vec4<u32>(index_buf[col], index_buf[col + 1u], index_buf[col + 2u], 0u);
@@ -235,7 +244,7 @@ fn dkdv(
     );
     var dk: array<coop_mat16x16<f32, C>, DT_CAP>;
     var dv: array<coop_mat16x16<f32, C>, DT_CAP>;
-    for (var n = 0u; n < D / 16u; n++) {
+    for (var n = 0u; n < D / 16u / SPLIT; n++) {
         dk[n] = coop_mat16x16<f32, C>();
         dv[n] = coop_mat16x16<f32, C>();
     }
@@ -259,26 +268,28 @@ fn dkdv(
         if (PREFETCH && v0 + RS < total) {
             fetch_step(&pf, rows, v0 + RS, lid);
         }
-        // (each K and V fragment loaded once per step)
+        // This subgroup's RS / SPLIT query columns (each K and V fragment loaded once per step)
         var s: array<coop_mat16x16<f32, C>, RT_CAP>;
         var dp: array<coop_mat16x16<f32, C>, RT_CAP>;
-        for (var n = 0u; n < RS / 16u; n++) {
+        for (var n = 0u; n < RS / 16u / SPLIT; n++) {
             s[n] = coop_mat16x16<f32, C>();
             dp[n] = coop_mat16x16<f32, C>();
         }
         for (var kk = 0u; kk < D / 16u; kk++) {
-            let ka = coopLoadT<coop_mat16x16<f16, A>>(&kv_sh[sg * 16u * (D + 8u) + kk * 16u], D + 8u);
-            let va = coopLoadT<coop_mat16x16<f16, A>>(&kv_sh[(BC + sg * 16u) * (D + 8u) + kk * 16u], D + 8u);
-            for (var n = 0u; n < RS / 16u; n++) {
-                let qb = coopLoad<coop_mat16x16<f16, B>>(&qd_sh[n * 16u * (D + 8u) + kk * 16u], D + 8u);
+            let ka = coopLoadT<coop_mat16x16<f16, A>>(&kv_sh[blk * 16u * (D + 8u) + kk * 16u], D + 8u);
+            let va = coopLoadT<coop_mat16x16<f16, A>>(&kv_sh[(BC + blk * 16u) * (D + 8u) + kk * 16u], D + 8u);
+            for (var n = 0u; n < RS / 16u / SPLIT; n++) {
+                let c = part * (RS / SPLIT) + n * 16u;
+                let qb = coopLoad<coop_mat16x16<f16, B>>(&qd_sh[c * (D + 8u) + kk * 16u], D + 8u);
                 s[n] = coopMultiplyAdd(ka, qb, s[n]);
-                let db = coopLoad<coop_mat16x16<f16, B>>(&qd_sh[(RS + n * 16u) * (D + 8u) + kk * 16u], D + 8u);
+                let db = coopLoad<coop_mat16x16<f16, B>>(&qd_sh[(RS + c) * (D + 8u) + kk * 16u], D + 8u);
                 dp[n] = coopMultiplyAdd(va, db, dp[n]);
             }
         }
-        for (var n = 0u; n < RS / 16u; n++) {
-            coopStoreT(s[n], &ft_sh[sg * 16u * (RS + 4u) + n * 16u], RS + 4u);
-            coopStoreT(dp[n], &ft_sh[(BC + sg * 16u) * (RS + 4u) + n * 16u], RS + 4u);
+        for (var n = 0u; n < RS / 16u / SPLIT; n++) {
+            let c = part * (RS / SPLIT) + n * 16u;
+            coopStoreT(s[n], &ft_sh[blk * 16u * (RS + 4u) + c], RS + 4u);
+            coopStoreT(dp[n], &ft_sh[(BC + blk * 16u) * (RS + 4u) + c], RS + 4u);
         }
         workgroupBarrier();
         // Pᵀ and dSᵀ of query column i against keys lid / RS + (THREADS / RS) m. A pair's state
@@ -298,31 +309,35 @@ fn dkdv(
         }
         workgroupBarrier();
         for (var kk = 0u; kk < RS / 16u; kk++) {
-            pa[kk] = coopLoadT<coop_mat16x16<f16, A>>(&pd_sh[sg * 16u * (RS + 8u) + kk * 16u], RS + 8u);
-            da[kk] = coopLoadT<coop_mat16x16<f16, A>>(&pd_sh[(BC + sg * 16u) * (RS + 8u) + kk * 16u], RS + 8u);
+            pa[kk] = coopLoadT<coop_mat16x16<f16, A>>(&pd_sh[blk * 16u * (RS + 8u) + kk * 16u], RS + 8u);
+            da[kk] = coopLoadT<coop_mat16x16<f16, A>>(&pd_sh[(BC + blk * 16u) * (RS + 8u) + kk * 16u], RS + 8u);
         }
-        for (var n = 0u; n < D / 16u; n++) {
+        for (var n = 0u; n < D / 16u / SPLIT; n++) {
+            let c = part * (D / SPLIT) + n * 16u;
             for (var kk = 0u; kk < RS / 16u; kk++) {
-                let db = coopLoadT<coop_mat16x16<f16, B>>(&qd_sh[(RS + kk * 16u) * (D + 8u) + n * 16u], D + 8u);
+                let db = coopLoadT<coop_mat16x16<f16, B>>(&qd_sh[(RS + kk * 16u) * (D + 8u) + c], D + 8u);
                 dv[n] = coopMultiplyAdd(pa[kk], db, dv[n]);
-                let qb = coopLoadT<coop_mat16x16<f16, B>>(&qd_sh[kk * 16u * (D + 8u) + n * 16u], D + 8u);
+                let qb = coopLoadT<coop_mat16x16<f16, B>>(&qd_sh[kk * 16u * (D + 8u) + c], D + 8u);
                 dk[n] = coopMultiplyAdd(da[kk], qb, dk[n]);
             }
         }
         workgroupBarrier();
     }
-    // Key j = lid / 2, columns 8 (lid % 2) .. of each 16-column block.
-    let j = lid / 2u;
+    // Fragment n of each part at a time, part p's at columns [16 p, 16 p + 16) of ft_sh: key
+    // j = lid / (2 SPLIT) writes 8 columns of one part's (lid % (2 SPLIT) = 2 p + h: columns
+    // 8 h .. of the fragment, head-dim columns p D / SPLIT + 16 n + 8 h ..).
+    let j = lid / (2u * SPLIT);
+    let sub = lid % (2u * SPLIT);
     let key = kt * BC + j;
     let scale = P.scale_log2 * LN2;
-    for (var n = 0u; n < D / 16u; n++) {
-        coopStoreT(dk[n], &ft_sh[sg * 16u * (RS + 4u)], RS + 4u);
-        coopStoreT(dv[n], &ft_sh[(BC + sg * 16u) * (RS + 4u)], RS + 4u);
+    for (var n = 0u; n < D / 16u / SPLIT; n++) {
+        coopStoreT(dk[n], &ft_sh[blk * 16u * (RS + 4u) + part * 16u], RS + 4u);
+        coopStoreT(dv[n], &ft_sh[(BC + blk * 16u) * (RS + 4u) + part * 16u], RS + 4u);
         workgroupBarrier();
         if (key < P.seq_k) {
-            let dst = (kv_head + token(key)) * (D / 4u) + 4u * n + 2u * (lid % 2u);
+            let dst = (kv_head + token(key)) * (D / 4u) + ((sub / 2u) * (D / SPLIT) + 16u * n + 8u * (sub % 2u)) / 4u;
             for (var c = 0u; c < 2u; c++) {
-                let x = j * (RS + 4u) + 8u * (lid % 2u) + 4u * c;
+                let x = j * (RS + 4u) + 8u * sub + 4u * c;
                 let y = x + BC * (RS + 4u);
                 dk_buf[dst + c] = pack4(vec4<f32>(ft_sh[x], ft_sh[x + 1u], ft_sh[x + 2u], ft_sh[x + 3u]) * scale);
                 dv_buf[dst + c] = pack4(vec4<f32>(ft_sh[y], ft_sh[y + 1u], ft_sh[y + 2u], ft_sh[y + 3u]));
@@ -340,9 +355,10 @@ fn dq(
     @builtin(local_invocation_index) lid: u32,
 ) {
     let it = work_item(wg, nwg, lid);
-    let sg = lid / 32u;
-    let r = lid / 2u;
-    let half = lid % 2u;
+    let blk = lid / 32u / SPLIT;
+    let part = lid / 32u % SPLIT;
+    let r = lid / (2u * SPLIT);
+    let lane = lid % (2u * SPLIT);
     let q0 = it.qt * BR;
     let q_head = (it.b * P.heads + it.h) * P.seq_q;
     let kv_head = (it.b * (P.heads / P.group) + it.h / P.group) * P.seq_k;
@@ -360,13 +376,13 @@ fn dq(
     stage_tile_rows(false, q_head, q0, lid);
     workgroupBarrier();
     for (var kk = 0u; kk < D / 16u; kk++) {
-        qa[kk] = coopLoadT<coop_mat16x16<f16, A>>(&kv_sh[sg * 16u * (D + 8u) + kk * 16u], D + 8u);
+        qa[kk] = coopLoadT<coop_mat16x16<f16, A>>(&kv_sh[blk * 16u * (D + 8u) + kk * 16u], D + 8u);
     }
     workgroupBarrier();
     stage_tile_rows(true, q_head, q0, lid);
     workgroupBarrier();
     for (var kk = 0u; kk < D / 16u; kk++) {
-        oa[kk] = coopLoadT<coop_mat16x16<f16, A>>(&kv_sh[sg * 16u * (D + 8u) + kk * 16u], D + 8u);
+        oa[kk] = coopLoadT<coop_mat16x16<f16, A>>(&kv_sh[blk * 16u * (D + 8u) + kk * 16u], D + 8u);
     }
     var lse2 = NEG;
     var delta = 0.0;
@@ -376,7 +392,7 @@ fn dq(
         delta = scratch[x + 1u];
     }
     var acc: array<coop_mat16x16<f32, C>, DT_CAP>;
-    for (var n = 0u; n < D / 16u; n++) {
+    for (var n = 0u; n < D / 16u / SPLIT; n++) {
         acc[n] = coop_mat16x16<f32, C>();
     }
     var dsa: array<coop_mat16x16<f16, A>, RT_CAP>;
@@ -397,48 +413,53 @@ fn dq(
             fetch_kv(&kr, false, kv_head, key1, lid);
             fetch_kv(&vr, true, kv_head, key1, lid);
         }
-        for (var n = 0u; n < BC / 16u; n++) {
+        // This subgroup's BC / SPLIT keys.
+        for (var n = 0u; n < BC / 16u / SPLIT; n++) {
+            let c = part * (BC / SPLIT) + n * 16u;
             var s = coop_mat16x16<f32, C>();
             var dp = coop_mat16x16<f32, C>();
             for (var kk = 0u; kk < D / 16u; kk++) {
-                let kb = coopLoad<coop_mat16x16<f16, B>>(&kv_sh[n * 16u * (D + 8u) + kk * 16u], D + 8u);
+                let kb = coopLoad<coop_mat16x16<f16, B>>(&kv_sh[c * (D + 8u) + kk * 16u], D + 8u);
                 s = coopMultiplyAdd(qa[kk], kb, s);
-                let vb = coopLoad<coop_mat16x16<f16, B>>(&kv_sh[(BC + n * 16u) * (D + 8u) + kk * 16u], D + 8u);
+                let vb = coopLoad<coop_mat16x16<f16, B>>(&kv_sh[(BC + c) * (D + 8u) + kk * 16u], D + 8u);
                 dp = coopMultiplyAdd(oa[kk], vb, dp);
             }
-            coopStoreT(s, &fq_sh[sg * 16u * (BC + 4u) + n * 16u], BC + 4u);
-            coopStoreT(dp, &fq_sh[(BR + sg * 16u) * (BC + 4u) + n * 16u], BC + 4u);
+            coopStoreT(s, &fq_sh[blk * 16u * (BC + 4u) + c], BC + 4u);
+            coopStoreT(dp, &fq_sh[(BR + blk * 16u) * (BC + 4u) + c], BC + 4u);
         }
         workgroupBarrier();
-        // dS of row r, columns 2 m + half.
+        // dS of row r, columns 2 SPLIT m + lane.
         let bits = row_bits(t, it, r, key0, lse2);
-        for (var m = 0u; m < BC / 2u; m++) {
-            let j = 2u * m + half;
+        for (var m = 0u; m < BC / (2u * SPLIT); m++) {
+            let j = 2u * SPLIT * m + lane;
             let ok = lse2 > NEG_CUT && key0 + j < P.seq_k && ((bits >> j) & 1u) != 0u;
             let p = select(0.0, exp2(fq_sh[r * (BC + 4u) + j] * P.scale_log2 - lse2), ok);
             ds_sh[r * (BC + 8u) + j] = f16(p * (fq_sh[(BR + r) * (BC + 4u) + j] - delta));
         }
         workgroupBarrier();
         for (var kk = 0u; kk < BC / 16u; kk++) {
-            dsa[kk] = coopLoadT<coop_mat16x16<f16, A>>(&ds_sh[sg * 16u * (BC + 8u) + kk * 16u], BC + 8u);
+            dsa[kk] = coopLoadT<coop_mat16x16<f16, A>>(&ds_sh[blk * 16u * (BC + 8u) + kk * 16u], BC + 8u);
         }
-        for (var n = 0u; n < D / 16u; n++) {
+        for (var n = 0u; n < D / 16u / SPLIT; n++) {
+            let c = part * (D / SPLIT) + n * 16u;
             for (var kk = 0u; kk < BC / 16u; kk++) {
-                let kb = coopLoadT<coop_mat16x16<f16, B>>(&kv_sh[kk * 16u * (D + 8u) + n * 16u], D + 8u);
+                let kb = coopLoadT<coop_mat16x16<f16, B>>(&kv_sh[kk * 16u * (D + 8u) + c], D + 8u);
                 acc[n] = coopMultiplyAdd(dsa[kk], kb, acc[n]);
             }
         }
     }
-    // Row r, columns 8 half .. of each 16-column block.
+    // Fragment n of each part at a time, part p's at columns [16 p, 16 p + 16) of fq_sh
+    // (16 SPLIT <= BC): row r's thread lane = 2 p + h writes its columns 8 h .., head-dim
+    // columns p D / SPLIT + 16 n + 8 h ...
     let scale = P.scale_log2 * LN2;
-    for (var n = 0u; n < D / 16u; n++) {
+    for (var n = 0u; n < D / 16u / SPLIT; n++) {
         workgroupBarrier();
-        coopStoreT(acc[n], &fq_sh[sg * 16u * (BC + 4u)], BC + 4u);
+        coopStoreT(acc[n], &fq_sh[blk * 16u * (BC + 4u) + part * 16u], BC + 4u);
         workgroupBarrier();
         if (q0 + r < P.seq_q) {
-            let dst = (q_head + token(q0 + r)) * (D / 4u) + 4u * n + 2u * half;
+            let dst = (q_head + token(q0 + r)) * (D / 4u) + ((lane / 2u) * (D / SPLIT) + 16u * n + 8u * (lane % 2u)) / 4u;
             for (var c = 0u; c < 2u; c++) {
-                let x = r * (BC + 4u) + 8u * half + 4u * c;
+                let x = r * (BC + 4u) + 8u * lane + 4u * c;
                 dq_buf[dst + c] = pack4(vec4<f32>(fq_sh[x], fq_sh[x + 1u], fq_sh[x + 2u], fq_sh[x + 3u]) * scale);
             }
         }

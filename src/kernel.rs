@@ -286,10 +286,13 @@ pub struct BackwardLayout {
     pub sx: usize,
     /// Threads along the vec4 column groups of the accumulators.
     pub ax: usize,
-    /// The tensor-core kernels (shaders/backward_coop.wgsl): `tile_cols / 16` (dK/dV) or
-    /// `tile_rows / 16` (dQ) subgroups of 32, steps of `rows` query rows (dK/dV) by one key
-    /// tile, all of d in workgroup memory; `sx` and `ax` unused (0).
+    /// The tensor-core kernels (shaders/backward_coop.wgsl): `split` subgroups of 32 for each
+    /// 16 keys (dK/dV) or 16 query rows (dQ) of the tile, steps of `rows` query rows (dK/dV)
+    /// by one key tile, all of d in workgroup memory; `sx` and `ax` unused (0).
     pub tensor_cores: bool,
+    /// Tensor cores: subgroups sharing each 16 keys or rows (1 or 2; with 2 each holds half
+    /// the accumulators and computes half the scores). 1 for the portable kernels.
+    pub split: usize,
 }
 
 impl BackwardLayout {
@@ -332,6 +335,7 @@ impl BackwardLayout {
         ];
         if self.tensor_cores {
             c.push(("PREFETCH", self.prefetch() as u32 as f64));
+            c.push(("SPLIT", self.split as f64));
         } else {
             c.extend([
                 ("KS", self.keys as f64),
@@ -413,15 +417,32 @@ impl BackwardLayout {
         if self.tensor_cores {
             // DT_CAP and RT_CAP; Q and dO of a dQ tile pass through K and V's buffers.
             let (br, bc, d, rs) = (self.tile_rows, self.tile_cols, self.head_dim, self.rows);
-            // dK/dV: thread t takes query column t % RS of a step, so RS divides THREADS = 2 BC;
-            // a row's mask bits against a key tile are one word (BC = 32).
+            // dK/dV: thread t takes query column t % RS of a step, so RS divides THREADS =
+            // 2 SPLIT BC; a row's mask bits against a key tile are one word (BC = 32). The parts
+            // of a split block take whole fragments of the scores' columns (a step's rows or a
+            // key tile's keys) and of the head dim, and the output passes through 16 SPLIT
+            // columns of the score buffers.
+            let lines = if self.pass == BackwardPass::DkDv {
+                bc
+            } else {
+                br
+            };
+            let split = self.split;
+            let score_cols = if self.pass == BackwardPass::DkDv {
+                rs
+            } else {
+                bc
+            };
             return fits
                 && bc == 32
-                && d.is_multiple_of(16)
+                && d.is_multiple_of(16 * split)
                 && d / 16 <= TENSOR_CORE_DT_CAP
                 && rs.is_multiple_of(16)
                 && rs / 16 <= 4
                 && br <= 2 * bc
+                && (split == 1 || split == 2)
+                && self.threads == 2 * split * lines
+                && score_cols.is_multiple_of(16 * split)
                 && self.threads.is_multiple_of(rs);
         }
         let (br, bc, d, t, rs, ks, dc, sx, ax) = (
@@ -486,27 +507,31 @@ pub fn backward_layout(
     let (br, bc, d) = (config.tile_rows, config.tile_cols, config.head_dim);
     if config.tier == Tier::TensorCore && pass != BackwardPass::Pre {
         // dK/dV steps of a whole query tile, or of a half or a quarter of it; dQ takes whole tiles.
+        // The longest step that fits, two subgroups per 16 keys or rows where they fit.
         let steps: &[usize] = if pass == BackwardPass::DkDv {
             &[br, br / 2, br / 4]
         } else {
             &[br]
         };
+        let lines = if pass == BackwardPass::DkDv { bc } else { br };
         let tensor_cores = steps
             .iter()
             .copied()
             .filter(|&rs| rs >= 16 && br.is_multiple_of(rs))
-            .map(|rs| BackwardLayout {
+            .flat_map(|rs| [(rs, 2), (rs, 1)])
+            .map(|(rs, split)| BackwardLayout {
                 pass,
                 tile_rows: br,
                 tile_cols: bc,
                 head_dim: d,
-                threads: 2 * if pass == BackwardPass::DkDv { bc } else { br },
+                threads: 2 * split * lines,
                 rows: rs,
                 keys: bc,
                 dc: d,
                 sx: 0,
                 ax: 0,
                 tensor_cores: true,
+                split,
             })
             .find(|l| l.valid(limits));
         if tensor_cores.is_some() {
@@ -543,6 +568,7 @@ pub fn backward_layout(
                                 sx,
                                 ax,
                                 tensor_cores: false,
+                                split: 1,
                             };
                             if !l.valid(limits) {
                                 continue;

@@ -221,15 +221,16 @@ fn backward_workgroup_budget_matches_the_shader_and_fits_the_baseline() {
                         declared, budget,
                         "{tier} {c:?} {entry} {constants:?}: declares {declared}, budget {budget}"
                     );
-                    if tensor_cores {
-                        // The emulation adds its scratch, within the room Gpu leaves for it.
-                        let threads = constants.iter().find(|(n, _)| *n == "THREADS").unwrap().1;
+                    // The emulation adds its scratch, within the room Gpu leaves for it (wider
+                    // workgroups, two subgroups per 16 rows of a 64-row dQ tile, are not
+                    // offered where the products are emulated).
+                    let threads = constants.iter().find(|(n, _)| *n == "THREADS").unwrap().1;
+                    if tensor_cores && threads <= 128 {
                         let emulated = declared_bytes(
                             &emulated_tensor_core_backward_source(),
                             entry,
                             &constants,
                         ) as usize;
-                        assert!(threads <= 128, "{c:?} {entry}: over the emulation's room");
                         assert_eq!(
                             emulated,
                             budget + threads * EMULATION_BYTES_PER_INVOCATION,
