@@ -6,14 +6,17 @@
 // subgroup operations here (see attention_coop.wgsl).
 //
 // SPLIT subgroups of 32 share each block of 16 keys (dkdv) or 16 query rows (dq): subgroup w
-// works on block w / SPLIT and, as part p = w % SPLIT of it, computes its share of the block's
-// S and dP columns (query columns of the step, or keys) and of its accumulators' head-dim
-// columns [p D / SPLIT, (p + 1) D / SPLIT): half the accumulators a thread with SPLIT = 2, as
-// in attention_coop.wgsl.
+// works on block w / SPLIT as part p = w % SPLIT of it. The block's products come in pairs
+// with the same shape, one on the scores' side and one on the values' (S and dP; dV and dK),
+// and with SPLIT = 2 part p computes the p-th of each pair, with its operands and accumulators
+// only; dQ, which has no pair, is split by head-dim columns [p D / SPLIT, (p + 1) D / SPLIT).
+// A thread thus holds half the accumulators and half the Q/dO fragments, as in
+// attention_coop.wgsl.
 //
 //   dkdv: one workgroup per (key tile, key/value head, batch) as in backward.wgsl, SPLIT BC / 16
 //         subgroups of 32 (THREADS = 2 SPLIT BC): block b owns keys [16 b, 16 b + 16) of the
-//         tile and their dK and dV accumulators. K and V of the tile stay in workgroup memory. The
+//         tile and their dV (part 0) and dK (part 1) accumulators. K and V of the tile stay in
+//         workgroup memory. The
 //         walk (the query tiles of the transposed block mask over the query heads of the group)
 //         goes in steps of RS rows of one query tile (RS divides BR): Q and dO of the step's
 //         rows staged with their statistics, Sᵀ and dPᵀ stored (f32), Pᵀ and dSᵀ by the
@@ -21,9 +24,8 @@
 //         mask bits), then the two products. With PREFETCH, the next step's Q and dO are read
 //         into registers while this step computes.
 //   dq:   one workgroup per query tile (the forward walk, never split), SPLIT BR / 16 subgroups
-//         (THREADS = 2 SPLIT BR): block b owns rows [16 b, 16 b + 16) with their Q and dO
-//         fragments (each subgroup of the block holds all of them) and dQ accumulators in
-//         registers. Per key tile: K and V staged, S and dP stored, dS by the threads (the
+//         (THREADS = 2 SPLIT BR): block b owns rows [16 b, 16 b + 16) with their Q (part 0)
+//         and dO (part 1) fragments and dQ accumulators in registers. Per key tile: K and V staged, S and dP stored, dS by the threads (the
 //         2 SPLIT threads from 2 SPLIT r take row r), dQ += dS K. With PREFETCH, the next
 //         key tile's K and V are read into registers while this one computes.
 // Results leave through workgroup memory 16 head-dim columns at a time (dK and dQ times the
@@ -34,7 +36,7 @@
 // Workgroup variables of this file are arrays (see attention_coop.wgsl); common.wgsl's walk and
 // span vectors serve the walks, as in the forward kernel.
 
-override RS: u32 = 16u;        // dkdv: query rows per step (a multiple of 16 SPLIT dividing BR)
+override RS: u32 = 16u;        // dkdv: query rows per step (a multiple of 16 dividing BR)
 override SPLIT: u32 = 1u;      // subgroups per 16 keys (dkdv) or query rows (dq): 1 or 2
 // Whether the pass reads the next step's Q and dO (dkdv) or the next key tile's K and V (dq)
 // into registers one step ahead, so that the loads overlap a step of work: set by the host
@@ -43,6 +45,7 @@ override PREFETCH: bool = false;
 
 const DT_CAP: u32 = 8u;        // max D / 16
 const RT_CAP: u32 = 4u;        // max RS / 16 (dkdv) and BC / 16 (dq)
+override OPS: u32 = 2u / SPLIT;  // products of each pair a subgroup computes
 const PF_CAP: u32 = 8u;        // max vec4 per thread of a prefetched operand
 
 // K (rows [0, BC)) and V (rows [BC, 2 BC)), rows padded by 8: dkdv's tile for the whole walk,
@@ -242,14 +245,13 @@ fn dkdv(
         PATH != 0u,
         select(2u, 3u, DENSE_MASK),
     );
-    var dk: array<coop_mat16x16<f32, C>, DT_CAP>;
-    var dv: array<coop_mat16x16<f32, C>, DT_CAP>;
-    for (var n = 0u; n < D / 16u / SPLIT; n++) {
-        dk[n] = coop_mat16x16<f32, C>();
-        dv[n] = coop_mat16x16<f32, C>();
+    // Product o of this subgroup is op = part + o of each pair: 0 Sᵀ = K Qᵀ then dV += Pᵀ dO,
+    // 1 dPᵀ = V dOᵀ then dK += dSᵀ Q. acc[o D / 16 + n]: head-dim columns 16 n .. of dV or dK.
+    var acc: array<coop_mat16x16<f32, C>, 2u * DT_CAP>;
+    for (var n = 0u; n < OPS * D / 16u; n++) {
+        acc[n] = coop_mat16x16<f32, C>();
     }
-    var pa: array<coop_mat16x16<f16, A>, RT_CAP>;
-    var da: array<coop_mat16x16<f16, A>, RT_CAP>;
+    var pa: array<coop_mat16x16<f16, A>, 2u * RT_CAP>;
     let i = lid % RS;
     var pair: Item;
     pair.b = b;
@@ -268,28 +270,26 @@ fn dkdv(
         if (PREFETCH && v0 + RS < total) {
             fetch_step(&pf, rows, v0 + RS, lid);
         }
-        // This subgroup's RS / SPLIT query columns (each K and V fragment loaded once per step)
-        var s: array<coop_mat16x16<f32, C>, RT_CAP>;
-        var dp: array<coop_mat16x16<f32, C>, RT_CAP>;
-        for (var n = 0u; n < RS / 16u / SPLIT; n++) {
-            s[n] = coop_mat16x16<f32, C>();
-            dp[n] = coop_mat16x16<f32, C>();
+        // Sᵀ (K rows, Q rows) and dPᵀ (V rows, dO rows): sc[o RS / 16 + n], query columns
+        // 16 n ... (each K or V fragment loaded once per step)
+        var sc: array<coop_mat16x16<f32, C>, 2u * RT_CAP>;
+        for (var n = 0u; n < OPS * RS / 16u; n++) {
+            sc[n] = coop_mat16x16<f32, C>();
         }
         for (var kk = 0u; kk < D / 16u; kk++) {
-            let ka = coopLoadT<coop_mat16x16<f16, A>>(&kv_sh[blk * 16u * (D + 8u) + kk * 16u], D + 8u);
-            let va = coopLoadT<coop_mat16x16<f16, A>>(&kv_sh[(BC + blk * 16u) * (D + 8u) + kk * 16u], D + 8u);
-            for (var n = 0u; n < RS / 16u / SPLIT; n++) {
-                let c = part * (RS / SPLIT) + n * 16u;
-                let qb = coopLoad<coop_mat16x16<f16, B>>(&qd_sh[c * (D + 8u) + kk * 16u], D + 8u);
-                s[n] = coopMultiplyAdd(ka, qb, s[n]);
-                let db = coopLoad<coop_mat16x16<f16, B>>(&qd_sh[(RS + c) * (D + 8u) + kk * 16u], D + 8u);
-                dp[n] = coopMultiplyAdd(va, db, dp[n]);
+            for (var o = 0u; o < OPS; o++) {
+                let op = part + o;
+                let a = coopLoadT<coop_mat16x16<f16, A>>(&kv_sh[(op * BC + blk * 16u) * (D + 8u) + kk * 16u], D + 8u);
+                for (var n = 0u; n < RS / 16u; n++) {
+                    let b = coopLoad<coop_mat16x16<f16, B>>(&qd_sh[(op * RS + n * 16u) * (D + 8u) + kk * 16u], D + 8u);
+                    sc[o * (RS / 16u) + n] = coopMultiplyAdd(a, b, sc[o * (RS / 16u) + n]);
+                }
             }
         }
-        for (var n = 0u; n < RS / 16u / SPLIT; n++) {
-            let c = part * (RS / SPLIT) + n * 16u;
-            coopStoreT(s[n], &ft_sh[blk * 16u * (RS + 4u) + c], RS + 4u);
-            coopStoreT(dp[n], &ft_sh[(BC + blk * 16u) * (RS + 4u) + c], RS + 4u);
+        for (var o = 0u; o < OPS; o++) {
+            for (var n = 0u; n < RS / 16u; n++) {
+                coopStoreT(sc[o * (RS / 16u) + n], &ft_sh[((part + o) * BC + blk * 16u) * (RS + 4u) + n * 16u], RS + 4u);
+            }
         }
         workgroupBarrier();
         // Pᵀ and dSᵀ of query column i against keys lid / RS + (THREADS / RS) m. A pair's state
@@ -308,39 +308,46 @@ fn dkdv(
             pd_sh[(BC + j) * (RS + 8u) + i] = f16(p * (ft_sh[(BC + j) * (RS + 4u) + i] - delta));
         }
         workgroupBarrier();
-        for (var kk = 0u; kk < RS / 16u; kk++) {
-            pa[kk] = coopLoadT<coop_mat16x16<f16, A>>(&pd_sh[blk * 16u * (RS + 8u) + kk * 16u], RS + 8u);
-            da[kk] = coopLoadT<coop_mat16x16<f16, A>>(&pd_sh[(BC + blk * 16u) * (RS + 8u) + kk * 16u], RS + 8u);
-        }
-        for (var n = 0u; n < D / 16u / SPLIT; n++) {
-            let c = part * (D / SPLIT) + n * 16u;
+        // dV += Pᵀ dO and dK += dSᵀ Q: Pᵀ (op 0) or dSᵀ (op 1) rows of the block, dO or Q.
+        for (var o = 0u; o < OPS; o++) {
             for (var kk = 0u; kk < RS / 16u; kk++) {
-                let db = coopLoadT<coop_mat16x16<f16, B>>(&qd_sh[(RS + kk * 16u) * (D + 8u) + c], D + 8u);
-                dv[n] = coopMultiplyAdd(pa[kk], db, dv[n]);
-                let qb = coopLoadT<coop_mat16x16<f16, B>>(&qd_sh[kk * 16u * (D + 8u) + c], D + 8u);
-                dk[n] = coopMultiplyAdd(da[kk], qb, dk[n]);
+                pa[o * (RS / 16u) + kk] = coopLoadT<coop_mat16x16<f16, A>>(&pd_sh[((part + o) * BC + blk * 16u) * (RS + 8u) + kk * 16u], RS + 8u);
+            }
+        }
+        for (var n = 0u; n < D / 16u; n++) {
+            for (var o = 0u; o < OPS; o++) {
+                for (var kk = 0u; kk < RS / 16u; kk++) {
+                    let b = coopLoadT<coop_mat16x16<f16, B>>(&qd_sh[((1u - part - o) * RS + kk * 16u) * (D + 8u) + n * 16u], D + 8u);
+                    acc[o * (D / 16u) + n] = coopMultiplyAdd(pa[o * (RS / 16u) + kk], b, acc[o * (D / 16u) + n]);
+                }
             }
         }
         workgroupBarrier();
     }
-    // Fragment n of each part at a time, part p's at columns [16 p, 16 p + 16) of ft_sh: key
-    // j = lid / (2 SPLIT) writes 8 columns of one part's (lid % (2 SPLIT) = 2 p + h: columns
-    // 8 h .. of the fragment, head-dim columns p D / SPLIT + 16 n + 8 h ..).
+    // Head-dim columns 16 n .. of dV (ft_sh rows [0, BC)) and dK (rows [BC, 2 BC)) at a time:
+    // key j = lid / (2 SPLIT) writes columns 8 (lid % 2) .. of op (lid % (2 SPLIT)) / 2 + o.
     let j = lid / (2u * SPLIT);
-    let sub = lid % (2u * SPLIT);
+    let h = lid % 2u;
     let key = kt * BC + j;
     let scale = P.scale_log2 * LN2;
-    for (var n = 0u; n < D / 16u / SPLIT; n++) {
-        coopStoreT(dk[n], &ft_sh[blk * 16u * (RS + 4u) + part * 16u], RS + 4u);
-        coopStoreT(dv[n], &ft_sh[(BC + blk * 16u) * (RS + 4u) + part * 16u], RS + 4u);
+    for (var n = 0u; n < D / 16u; n++) {
+        for (var o = 0u; o < OPS; o++) {
+            coopStoreT(acc[o * (D / 16u) + n], &ft_sh[((part + o) * BC + blk * 16u) * (RS + 4u)], RS + 4u);
+        }
         workgroupBarrier();
         if (key < P.seq_k) {
-            let dst = (kv_head + token(key)) * (D / 4u) + ((sub / 2u) * (D / SPLIT) + 16u * n + 8u * (sub % 2u)) / 4u;
-            for (var c = 0u; c < 2u; c++) {
-                let x = j * (RS + 4u) + 8u * sub + 4u * c;
-                let y = x + BC * (RS + 4u);
-                dk_buf[dst + c] = pack4(vec4<f32>(ft_sh[x], ft_sh[x + 1u], ft_sh[x + 2u], ft_sh[x + 3u]) * scale);
-                dv_buf[dst + c] = pack4(vec4<f32>(ft_sh[y], ft_sh[y + 1u], ft_sh[y + 2u], ft_sh[y + 3u]));
+            let dst = (kv_head + token(key)) * (D / 4u) + 4u * n + 2u * h;
+            for (var o = 0u; o < OPS; o++) {
+                let op = lid % (2u * SPLIT) / 2u + o;
+                for (var c = 0u; c < 2u; c++) {
+                    let x = (op * BC + j) * (RS + 4u) + 8u * h + 4u * c;
+                    let v = vec4<f32>(ft_sh[x], ft_sh[x + 1u], ft_sh[x + 2u], ft_sh[x + 3u]);
+                    if (op == 1u) {
+                        dk_buf[dst + c] = pack4(v * scale);
+                    } else {
+                        dv_buf[dst + c] = pack4(v);
+                    }
+                }
             }
         }
         workgroupBarrier();
@@ -370,19 +377,22 @@ fn dq(
         fetch_kv(&vr, true, kv_head, key0, lid);
     }
 
-    // Q, then dO, of the tile through kv_sh into this subgroup's fragments.
-    var qa: array<coop_mat16x16<f16, A>, DT_CAP>;
-    var oa: array<coop_mat16x16<f16, A>, DT_CAP>;
-    stage_tile_rows(false, q_head, q0, lid);
-    workgroupBarrier();
-    for (var kk = 0u; kk < D / 16u; kk++) {
-        qa[kk] = coopLoadT<coop_mat16x16<f16, A>>(&kv_sh[blk * 16u * (D + 8u) + kk * 16u], D + 8u);
-    }
-    workgroupBarrier();
-    stage_tile_rows(true, q_head, q0, lid);
-    workgroupBarrier();
-    for (var kk = 0u; kk < D / 16u; kk++) {
-        oa[kk] = coopLoadT<coop_mat16x16<f16, A>>(&kv_sh[blk * 16u * (D + 8u) + kk * 16u], D + 8u);
+    // Q (op 0, for S = Q Kᵀ), then dO (op 1, dP = dO Vᵀ), of the tile through kv_sh into the
+    // fragments of the subgroups that compute with them: fa[o D / 16 + kk] for op part + o.
+    // Every subgroup loads in both passes (a cooperative load needs uniform control flow).
+    var fa: array<coop_mat16x16<f16, A>, 2u * DT_CAP>;
+    for (var ph = 0u; ph < 2u; ph++) {
+        stage_tile_rows(ph == 1u, q_head, q0, lid);
+        workgroupBarrier();
+        for (var kk = 0u; kk < D / 16u; kk++) {
+            let f = coopLoadT<coop_mat16x16<f16, A>>(&kv_sh[blk * 16u * (D + 8u) + kk * 16u], D + 8u);
+            if (SPLIT == 1u) {
+                fa[ph * (D / 16u) + kk] = f;
+            } else if (part == ph) {
+                fa[kk] = f;
+            }
+        }
+        workgroupBarrier();
     }
     var lse2 = NEG;
     var delta = 0.0;
@@ -413,19 +423,23 @@ fn dq(
             fetch_kv(&kr, false, kv_head, key1, lid);
             fetch_kv(&vr, true, kv_head, key1, lid);
         }
-        // This subgroup's BC / SPLIT keys.
-        for (var n = 0u; n < BC / 16u / SPLIT; n++) {
-            let c = part * (BC / SPLIT) + n * 16u;
-            var s = coop_mat16x16<f32, C>();
-            var dp = coop_mat16x16<f32, C>();
-            for (var kk = 0u; kk < D / 16u; kk++) {
-                let kb = coopLoad<coop_mat16x16<f16, B>>(&kv_sh[c * (D + 8u) + kk * 16u], D + 8u);
-                s = coopMultiplyAdd(qa[kk], kb, s);
-                let vb = coopLoad<coop_mat16x16<f16, B>>(&kv_sh[(BC + c) * (D + 8u) + kk * 16u], D + 8u);
-                dp = coopMultiplyAdd(oa[kk], vb, dp);
+        // S (Q, K rows) and dP (dO, V rows): sc[o BC / 16 + n], keys 16 n ...
+        var sc: array<coop_mat16x16<f32, C>, 2u * RT_CAP>;
+        for (var n = 0u; n < OPS * BC / 16u; n++) {
+            sc[n] = coop_mat16x16<f32, C>();
+        }
+        for (var kk = 0u; kk < D / 16u; kk++) {
+            for (var o = 0u; o < OPS; o++) {
+                for (var n = 0u; n < BC / 16u; n++) {
+                    let b = coopLoad<coop_mat16x16<f16, B>>(&kv_sh[((part + o) * BC + n * 16u) * (D + 8u) + kk * 16u], D + 8u);
+                    sc[o * (BC / 16u) + n] = coopMultiplyAdd(fa[o * (D / 16u) + kk], b, sc[o * (BC / 16u) + n]);
+                }
             }
-            coopStoreT(s, &fq_sh[blk * 16u * (BC + 4u) + c], BC + 4u);
-            coopStoreT(dp, &fq_sh[(BR + blk * 16u) * (BC + 4u) + c], BC + 4u);
+        }
+        for (var o = 0u; o < OPS; o++) {
+            for (var n = 0u; n < BC / 16u; n++) {
+                coopStoreT(sc[o * (BC / 16u) + n], &fq_sh[((part + o) * BR + blk * 16u) * (BC + 4u) + n * 16u], BC + 4u);
+            }
         }
         workgroupBarrier();
         // dS of row r, columns 2 SPLIT m + lane.

@@ -419,20 +419,14 @@ impl BackwardLayout {
             let (br, bc, d, rs) = (self.tile_rows, self.tile_cols, self.head_dim, self.rows);
             // dK/dV: thread t takes query column t % RS of a step, so RS divides THREADS =
             // 2 SPLIT BC; a row's mask bits against a key tile are one word (BC = 32). The parts
-            // of a split block take whole fragments of the scores' columns (a step's rows or a
-            // key tile's keys) and of the head dim, and the output passes through 16 SPLIT
-            // columns of the score buffers.
+            // of a split dQ block take whole fragments of the head dim, and its output passes
+            // through 16 SPLIT columns of the score buffer.
             let lines = if self.pass == BackwardPass::DkDv {
                 bc
             } else {
                 br
             };
             let split = self.split;
-            let score_cols = if self.pass == BackwardPass::DkDv {
-                rs
-            } else {
-                bc
-            };
             return fits
                 && bc == 32
                 && d.is_multiple_of(16 * split)
@@ -442,7 +436,6 @@ impl BackwardLayout {
                 && br <= 2 * bc
                 && (split == 1 || split == 2)
                 && self.threads == 2 * split * lines
-                && score_cols.is_multiple_of(16 * split)
                 && self.threads.is_multiple_of(rs);
         }
         let (br, bc, d, t, rs, ks, dc, sx, ax) = (
