@@ -290,8 +290,9 @@ pub struct BackwardLayout {
     /// 16 keys (dK/dV) or 16 query rows (dQ) of the tile, steps of `rows` query rows (dK/dV)
     /// by one key tile, all of d in workgroup memory; `sx` and `ax` unused (0).
     pub tensor_cores: bool,
-    /// Tensor cores: subgroups sharing each 16 keys or rows (1 or 2; with 2 each holds half
-    /// the accumulators and computes half the scores). 1 for the portable kernels.
+    /// Tensor cores: subgroups sharing each 16 keys or rows (1 or 2; with 2 each computes one
+    /// product of each pair, or half of dQ's columns, and holds half the accumulators). 1 for
+    /// the portable kernels.
     pub split: usize,
 }
 
