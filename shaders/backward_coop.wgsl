@@ -16,18 +16,18 @@
 //   dkdv: one workgroup per (key tile, key/value head, batch) as in backward.wgsl, SPLIT BC / 16
 //         subgroups of 32 (THREADS = 2 SPLIT BC): block b owns keys [16 b, 16 b + 16) of the
 //         tile and their dV (part 0) and dK (part 1) accumulators. K and V of the tile stay in
-//         workgroup memory. The
-//         walk (the query tiles of the transposed block mask over the query heads of the group)
-//         goes in steps of RS rows of one query tile (RS divides BR): Q and dO of the step's
-//         rows staged with their statistics, Sᵀ and dPᵀ stored (f32), Pᵀ and dSᵀ by the
-//         threads (f16; thread t takes query column t % RS of the step, so it reads one row's
-//         mask bits), then the two products. With PREFETCH, the next step's Q and dO are read
-//         into registers while this step computes.
+//         workgroup memory. The walk (the query tiles of the transposed block mask over the
+//         query heads of the group) goes in steps of RS rows of one query tile (RS divides
+//         BR): Q and dO of the step's rows staged with their statistics, Sᵀ and dPᵀ stored
+//         (f32), Pᵀ and dSᵀ by the threads (f16; thread t takes query column t % RS of the
+//         step, so it reads one row's mask bits), then the two products. With PREFETCH, the
+//         next step's Q and dO are read into registers while this step computes.
 //   dq:   one workgroup per query tile (the forward walk, never split), SPLIT BR / 16 subgroups
 //         (THREADS = 2 SPLIT BR): block b owns rows [16 b, 16 b + 16) with their Q (part 0)
-//         and dO (part 1) fragments and dQ accumulators in registers. Per key tile: K and V staged, S and dP stored, dS by the threads (the
-//         2 SPLIT threads from 2 SPLIT r take row r), dQ += dS K. With PREFETCH, the next
-//         key tile's K and V are read into registers while this one computes.
+//         and dO (part 1) fragments and dQ accumulators in registers. Per key tile: K and V
+//         staged, S and dP stored, dS by the threads (the 2 SPLIT threads from 2 SPLIT r take
+//         row r), dQ += dS K. With PREFETCH, the next key tile's K and V are read into
+//         registers while this one computes.
 // Results leave through workgroup memory 16 head-dim columns at a time (dK and dQ times the
 // softmax scale). P and dS are rounded to f16 as product operands (P <= 1; |dS| beyond f16's
 // range, 65504, would overflow where the portable kernels stay finite). Every loop that indexes
